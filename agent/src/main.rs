@@ -1,0 +1,143 @@
+//! `vigil-agent`: the command line.
+
+use std::{
+    io::{BufRead, Write},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vigil_agent::{
+    collectors::{
+        error_chain,
+        syscalls::{SyscallLatencyCollector, SyscallsConfig, attach_empty_programs},
+    },
+    config::AgentConfig,
+    selection::ModelServerProcess,
+    snapshot::take_snapshot,
+};
+
+#[derive(Parser)]
+#[command(name = "vigil-agent", version, about = "Vigil's per-node telemetry agent for GPU model-serving fleets")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Collect for a while, then print what was seen as one document.
+    Snapshot {
+        /// How long to collect, e.g. `10s`, `500ms`, `1m`.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+        /// Also track processes whose comm, executable or command line matches this regex
+        /// (repeatable).
+        #[arg(long, value_name = "REGEX")]
+        track: Vec<String>,
+        /// Config file (default /etc/vigil/agent.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// Attach the probes for the overhead benchmark (`cargo xtask bench syscall-overhead`):
+    /// prints `ready` once attached and detaches when stdin closes.
+    #[command(hide = true)]
+    OverheadProbe {
+        #[arg(long, value_enum)]
+        mode: ProbeMode,
+        /// The process to trace in `tracked` mode.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum ProbeMode {
+    /// Empty programs on sys_enter/sys_exit: the raw-tracepoint floor.
+    Floor,
+    /// The real programs, tracing only this probe process.
+    Untracked,
+    /// The real programs, tracing `--pid`.
+    Tracked,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Snapshot { duration, track, config, format: Format::Json } => {
+            snapshot(config, &track, duration)
+        }
+        Command::OverheadProbe { mode, pid } => overhead_probe(mode, pid),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("vigil-agent: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn snapshot(config: Option<PathBuf>, track: &[String], duration: Duration) -> Result<(), String> {
+    let config = AgentConfig::load(config.as_deref()).map_err(|e| error_chain(&e))?;
+    let document = take_snapshot(&config, track, duration).map_err(|e| error_chain(&e))?;
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, &document).map_err(|e| e.to_string())?;
+    writeln!(stdout).map_err(|e| e.to_string())
+}
+
+/// The identity of a running process, for tracing it by pid.
+fn process_by_pid(pid: u32) -> Result<ModelServerProcess, String> {
+    let stat = procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map_err(|e| format!("cannot read /proc/{pid}/stat: {e}"))?;
+    Ok(ModelServerProcess {
+        pid,
+        start_time_ticks: stat.starttime,
+        comm: stat.comm,
+        server: "benchmark".to_string(),
+    })
+}
+
+fn overhead_probe(mode: ProbeMode, pid: Option<u32>) -> Result<(), String> {
+    let _attached: Box<dyn std::any::Any> = match mode {
+        ProbeMode::Floor => Box::new(attach_empty_programs().map_err(|e| error_chain(&e))?),
+        ProbeMode::Untracked | ProbeMode::Tracked => {
+            let target = match (mode, pid) {
+                (ProbeMode::Tracked, Some(pid)) => pid,
+                (ProbeMode::Tracked, None) => return Err("--mode tracked needs --pid".into()),
+                _ => std::process::id(),
+            };
+            let config = SyscallsConfig::default();
+            let numbers = config.histogram_syscall_numbers().map_err(|e| e.to_string())?;
+            let mut collector =
+                SyscallLatencyCollector::start(&config, numbers).map_err(|e| error_chain(&e))?;
+            collector.update_tracked(&[process_by_pid(target)?]);
+            Box::new(collector)
+        }
+    };
+    println!("ready");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    // Stay attached until the benchmark closes our stdin.
+    for line in std::io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! `vigil-agent` as a user runs it: the snapshot document for a real tracked process, and clear
+//! errors for bad input. Runs the real eBPF programs, so it needs root (as CI has).
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_vigil-agent");
+
+fn snapshot(args: &[&str]) -> (bool, Value, String) {
+    let output = Command::new(AGENT)
+        .arg("snapshot")
+        .args(args)
+        .output()
+        .expect("run vigil-agent");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let document = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output.status.success(), document, stderr)
+}
+
+#[test]
+fn snapshot_of_a_tracked_python_server_shows_its_sleep_latency() {
+    // A stand-in model server: Python sleeping 2 ms at a time (clock_nanosleep), marked so
+    // that only it matches --track.
+    let mut server = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, time\n\
+             sys.stdout.write('ready\\n'); sys.stdout.flush()\n\
+             end = time.monotonic() + 8  # vigil_cli_test_server\n\
+             while time.monotonic() < end: time.sleep(0.002)\n",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let (ok, doc, stderr) =
+        snapshot(&["--duration", "2s", "--track", "vigil_cli_test_server", "--format", "json"]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(ok, "snapshot failed: {stderr}");
+
+    assert_eq!(doc["collectors"]["syscalls"]["status"], "ok", "{}", doc["collectors"]);
+    assert!(doc["node"].as_str().is_some_and(|n| !n.is_empty()));
+    let pid = server.id().to_string();
+    let samples = doc["samples"].as_array().unwrap();
+    let latency = samples
+        .iter()
+        .find(|s| {
+            s["name"] == "vigil_syscall_latency_seconds"
+                && s["labels"]["pid"] == pid.as_str()
+                && s["labels"]["syscall"] == "clock_nanosleep"
+        })
+        .unwrap_or_else(|| panic!("no clock_nanosleep histogram for pid {pid}: {samples:#?}"));
+    assert_eq!(latency["labels"]["comm"], "python3");
+    let histogram = &latency["histogram"];
+    let count = histogram["count"].as_u64().unwrap();
+    assert!(count >= 200, "2 s of 2 ms sleeps, got {count}");
+    let buckets = histogram["buckets"].as_array().unwrap();
+    let p50 = buckets
+        .iter()
+        .find(|b| b[1].as_u64().unwrap() * 2 >= count)
+        .map(|b| b[0].as_f64().unwrap())
+        .unwrap();
+    assert!((0.002..0.0025).contains(&p50), "p50 bucket le = {p50} s");
+    let sum = histogram["sum"].as_f64().unwrap();
+    assert!((0.002..0.0025).contains(&(sum / count as f64)), "mean = {} s", sum / count as f64);
+
+    let calls = samples
+        .iter()
+        .find(|s| {
+            s["name"] == "vigil_syscalls_total"
+                && s["labels"]["pid"] == pid.as_str()
+                && s["labels"]["syscall"] == "clock_nanosleep"
+        })
+        .expect("call counter");
+    assert!(calls["value"].as_f64().unwrap() >= count as f64 - 1.0);
+    let events = doc["events"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["kind"] == "process_traced" && e["labels"]["pid"] == pid.as_str()),
+        "{events:#?}"
+    );
+}
+
+#[test]
+fn without_bpf_privileges_the_collector_is_unavailable_and_the_snapshot_still_succeeds() {
+    // Run as nobody: no capabilities, so the kernel refuses to load the programs.
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", AGENT, "snapshot"])
+        .args(["--duration", "100ms", "--format", "json"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let doc: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let syscalls = &doc["collectors"]["syscalls"];
+    assert_eq!(syscalls["status"], "unavailable");
+    let reason = syscalls["reason"].as_str().unwrap();
+    assert!(reason.contains("CAP_BPF"), "reason should say what is missing: {reason}");
+    assert_eq!(doc["samples"], Value::Array(vec![]));
+}
+
+#[test]
+fn a_config_typo_is_an_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "[syscalls]\nmax_tracked_procs = 4\n").unwrap();
+    let (ok, _, stderr) = snapshot(&["--config", path.to_str().unwrap(), "--duration", "0s"]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown field `max_tracked_procs`"), "{stderr}");
+}
+
+#[test]
+fn an_invalid_track_regex_is_an_error_naming_it() {
+    let (ok, _, stderr) = snapshot(&["--track", "triton(", "--duration", "0s"]);
+    assert!(!ok);
+    assert!(stderr.contains("triton("), "{stderr}");
+}

@@ -1,0 +1,55 @@
+//! `cargo xtask bench NAME`: benchmarks that need the release build and a real kernel.
+
+mod probe_process;
+mod syscall_overhead;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+use crate::workspace::Workspace;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The benchmark to run.
+    name: BenchName,
+    /// syscall-overhead: getppid calls timed per setup and round.
+    #[arg(long, default_value = "2_000_000", value_parser = parse_count)]
+    calls: u64,
+    /// syscall-overhead: rounds; each round measures every setup once, in a rotated order.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchName {
+    /// ns per getppid syscall with no probe, empty programs, Vigil's programs and bpftrace.
+    SyscallOverhead,
+}
+
+pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
+    match args.name {
+        BenchName::SyscallOverhead => syscall_overhead::run(ws, args.calls, args.rounds),
+    }
+}
+
+/// A positive count, with optional `_` separators (`2_000_000`).
+fn parse_count(text: &str) -> Result<u64, String> {
+    match text.replace('_', "").parse::<u64>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(count) => Ok(count),
+        Err(err) => Err(format!("not a count: {err}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_accept_underscore_separators_and_reject_zero() {
+        assert_eq!(parse_count("2_000_000"), Ok(2_000_000));
+        assert_eq!(parse_count("500"), Ok(500));
+        assert!(parse_count("0").is_err());
+        assert!(parse_count("lots").is_err());
+    }
+}

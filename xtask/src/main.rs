@@ -1,0 +1,145 @@
+//! `cargo xtask`: Vigil's build, test and benchmark tasks.
+//!
+//! The eBPF programs (`agent-ebpf/`) must be built for `bpfel-unknown-none` with `-Z build-std=core`,
+//! which the stable toolchain that builds everything else cannot do. These tasks find or install a
+//! toolchain that can (`setup`), build the object (`build-ebpf`) and hand its path to the agent's
+//! build script through `VIGIL_BPF_OBJECT`, which embeds it.
+
+mod bench;
+mod ebpf;
+mod setup;
+mod shell;
+mod workspace;
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::workspace::Workspace;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Vigil's build, test and benchmark tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Find, or install (as root, with apt-get), what the eBPF build, the tests and the
+    /// benchmark need. Idempotent; fast when everything is present.
+    Setup,
+    /// Build the eBPF programs into target/bpf/vigil-syscalls.bpf.o.
+    BuildEbpf,
+    /// Build the eBPF object, then the whole workspace in release mode.
+    Build,
+    /// Run the whole test suite: eBPF build, rustfmt, clippy and every test, one at a time.
+    /// Run it as root: the eBPF tests load programs into the kernel.
+    Test,
+    /// Build, then run target/release/vigil-agent with ARGS,
+    /// e.g. `cargo xtask run -- snapshot --duration 10s --format json`.
+    Run {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
+    /// Build, then run a benchmark and write its figures under target/bench/.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run_task(cli.task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The whole chain on one line, without a backtrace: the failing step says enough.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    let ws = Workspace::locate();
+    match task {
+        Task::Setup => setup::ensure().map(drop),
+        Task::BuildEbpf => ebpf::build(&ws).map(drop),
+        Task::Build => build(&ws),
+        Task::Test => test(&ws),
+        Task::Run { args } => run(&ws, args),
+        Task::Bench(args) => {
+            build(&ws)?;
+            bench::run(&ws, &args)
+        }
+    }
+}
+
+/// The eBPF object, then the release build of every workspace crate, which embeds it.
+fn build(ws: &Workspace) -> Result<()> {
+    let object = ebpf::build(ws)?;
+    let mut cargo = ws.cargo(&object);
+    cargo.args(["build", "--release", "--workspace"]);
+    shell::run(&mut cargo)
+}
+
+fn test(ws: &Workspace) -> Result<()> {
+    if !shell::is_root() {
+        eprintln!(
+            "test: WARNING: not running as root; the eBPF tests need root (CAP_BPF + CAP_PERFMON) \
+             and will fail. Run `sudo -E cargo xtask test` or run it as root."
+        );
+    }
+    let started = Instant::now();
+    let object = ebpf::build(ws).context("test: FAILED at step build-ebpf")?;
+
+    let steps: [(&str, &[&str]); 3] = [
+        ("fmt", &["fmt", "--all", "--", "--check"]),
+        (
+            "clippy",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        // The eBPF tests share kernel state (tracepoints, maps), so they run one at a time.
+        ("test", &["test", "--workspace", "--", "--test-threads=1"]),
+    ];
+    for (name, args) in steps {
+        let mut cargo = ws.cargo(&object);
+        cargo.args(args);
+        if let Err(err) = shell::run(&mut cargo) {
+            eprintln!("test: FAILED at step {name}");
+            return Err(err);
+        }
+    }
+    println!(
+        "test: all steps passed (build-ebpf, fmt, clippy, test) in {:.0?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+fn run(ws: &Workspace, args: Vec<OsString>) -> Result<()> {
+    build(ws)?;
+    let agent = ws.agent_binary();
+    let mut command = std::process::Command::new(&agent);
+    command.args(&args);
+    shell::scrub_outer_cargo_env(&mut command, ws);
+    // `exec` only returns on failure.
+    let err = command.exec();
+    bail!("could not execute {}: {err}", agent.display())
+}
