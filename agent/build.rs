@@ -14,7 +14,8 @@ fn main() {
         .unwrap_or_else(|| manifest_dir.join("../target/bpf/vigil-syscalls.bpf.o"));
     println!("cargo::rerun-if-changed={}", object.display());
 
-    let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("vigil-syscalls.bpf.o");
+    let out =
+        PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("vigil-syscalls.bpf.o");
     match fs::read(&object) {
         Ok(bytes) => fs::write(&out, bytes).expect("write embedded eBPF object"),
         Err(error) => {

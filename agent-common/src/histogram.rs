@@ -56,7 +56,11 @@ pub fn bucket_upper_bound_ns(index: usize) -> u64 {
 
 /// Exclusive lower bound of bucket `index` in nanoseconds (0 for the first bucket).
 pub fn bucket_lower_bound_ns(index: usize) -> u64 {
-    if index == 0 { 0 } else { bucket_upper_bound_ns(index - 1) }
+    if index == 0 {
+        0
+    } else {
+        bucket_upper_bound_ns(index - 1)
+    }
 }
 
 #[cfg(test)]
@@ -70,7 +74,10 @@ mod tests {
         for index in 2..OVERFLOW_BUCKET {
             let (lo, hi) = (bucket_lower_bound_ns(index), bucket_upper_bound_ns(index));
             let relative_width = (hi - lo) as f64 / hi as f64;
-            assert!(relative_width <= 0.0625, "bucket {index} ({lo}, {hi}] is {relative_width}");
+            assert!(
+                relative_width <= 0.0625,
+                "bucket {index} ({lo}, {hi}] is {relative_width}"
+            );
         }
     }
 
@@ -98,8 +105,14 @@ mod tests {
         while v < 1 << 40 {
             for probe in [v - 1, v, v + 1, v + v / 3] {
                 let i = bucket_index(probe);
-                assert!(probe <= bucket_upper_bound_ns(i), "{probe} above bucket {i}");
-                assert!(probe > bucket_lower_bound_ns(i) || i == 0, "{probe} below bucket {i}");
+                assert!(
+                    probe <= bucket_upper_bound_ns(i),
+                    "{probe} above bucket {i}"
+                );
+                assert!(
+                    probe > bucket_lower_bound_ns(i) || i == 0,
+                    "{probe} below bucket {i}"
+                );
             }
             v = v * 17 / 16 + 1;
         }

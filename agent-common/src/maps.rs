@@ -55,7 +55,10 @@ pub fn encode_start(nr: u32, start_ns: u64) -> u64 {
 /// Unpacks a non-zero `THREAD_STARTS` entry into `(nr, start time modulo 2^54)`.
 #[inline(always)]
 pub fn decode_start(entry: u64) -> (u32, u64) {
-    (((entry >> START_TIME_BITS) - 1) as u32, entry & START_TIME_MASK)
+    (
+        ((entry >> START_TIME_BITS) - 1) as u32,
+        entry & START_TIME_MASK,
+    )
 }
 
 /// Elapsed ns between an encoded start time and `now_ns`, correct across the 2^54 wrap.

@@ -72,8 +72,7 @@ pub fn vigil_sys_enter(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let nr: u64 = ctx.arg(1);
-    if nr >= SYSCALL_NR_LIMIT as u64 || nr == NO_RETURN_SYSCALLS[0] || nr == NO_RETURN_SYSCALLS[1]
-    {
+    if nr >= SYSCALL_NR_LIMIT as u64 || nr == NO_RETURN_SYSCALLS[0] || nr == NO_RETURN_SYSCALLS[1] {
         return 0;
     }
     if let Some(start) = THREAD_STARTS.get_ptr_mut(pid_tgid as u32) {

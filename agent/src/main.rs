@@ -1,7 +1,7 @@
 //! `vigil-agent`: the command line.
 
 use std::{
-    io::{BufRead, Write},
+    io::{BufRead, IsTerminal, Write},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -19,7 +19,11 @@ use vigil_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "vigil-agent", version, about = "Vigil's per-node telemetry agent for GPU model-serving fleets")]
+#[command(
+    name = "vigil-agent",
+    version,
+    about = "Vigil's per-node telemetry agent for GPU model-serving fleets"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,6 +76,7 @@ enum ProbeMode {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -79,9 +84,12 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Snapshot { duration, track, config, format: Format::Json } => {
-            snapshot(config, &track, duration)
-        }
+        Command::Snapshot {
+            duration,
+            track,
+            config,
+            format: Format::Json,
+        } => snapshot(config, &track, duration),
         Command::OverheadProbe { mode, pid } => overhead_probe(mode, pid),
     };
     match result {
@@ -124,7 +132,9 @@ fn overhead_probe(mode: ProbeMode, pid: Option<u32>) -> Result<(), String> {
                 _ => std::process::id(),
             };
             let config = SyscallsConfig::default();
-            let numbers = config.histogram_syscall_numbers().map_err(|e| e.to_string())?;
+            let numbers = config
+                .histogram_syscall_numbers()
+                .map_err(|e| e.to_string())?;
             let mut collector =
                 SyscallLatencyCollector::start(&config, numbers).map_err(|e| error_chain(&e))?;
             collector.update_tracked(&[process_by_pid(target)?]);

@@ -38,7 +38,10 @@ pub struct LatencyHistogram {
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        Self { buckets: Box::new([0; BUCKET_COUNT]), sum_ns: 0 }
+        Self {
+            buckets: Box::new([0; BUCKET_COUNT]),
+            sum_ns: 0,
+        }
     }
 }
 
@@ -101,7 +104,11 @@ impl LatencyHistogram {
                 buckets.push((bucket_upper_bound_ns(index) as f64 / 1e9, cumulative));
             }
         }
-        HistogramSnapshot { count: self.count(), sum: self.sum_ns as f64 / 1e9, buckets }
+        HistogramSnapshot {
+            count: self.count(),
+            sum: self.sum_ns as f64 / 1e9,
+            buckets,
+        }
     }
 }
 
@@ -130,7 +137,12 @@ impl Event {
         let time = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        Self { time, kind, labels, message }
+        Self {
+            time,
+            kind,
+            labels,
+            message,
+        }
     }
 }
 
@@ -151,7 +163,10 @@ mod tests {
         assert_eq!(a.count(), 4);
         assert_eq!(a.bucket_counts()[bucket_index(2_000_000)], 2);
         assert_eq!(a.bucket_counts()[OVERFLOW_BUCKET], 1);
-        assert_eq!(a.snapshot().sum, (4_000_000u64 + 100 + 200_000_000_000) as f64 / 1e9);
+        assert_eq!(
+            a.snapshot().sum,
+            (4_000_000u64 + 100 + 200_000_000_000) as f64 / 1e9
+        );
     }
 
     #[test]
@@ -163,7 +178,10 @@ mod tests {
         let s = h.snapshot();
         assert_eq!(s.count, 3);
         assert_eq!(s.buckets.len(), 2);
-        assert_eq!(s.buckets[0], (bucket_upper_bound_ns(bucket_index(100)) as f64 / 1e9, 2));
+        assert_eq!(
+            s.buckets[0],
+            (bucket_upper_bound_ns(bucket_index(100)) as f64 / 1e9, 2)
+        );
         assert_eq!(s.buckets[1], (2_031_616e-9, 3));
     }
 
@@ -175,17 +193,34 @@ mod tests {
             h.record(1_000);
         }
         h.record(50_000_000);
-        assert_eq!(h.quantile_upper_bound_ns(0.5), Some(bucket_upper_bound_ns(bucket_index(1_000))));
-        assert_eq!(h.quantile_upper_bound_ns(1.0), Some(bucket_upper_bound_ns(bucket_index(50_000_000))));
+        assert_eq!(
+            h.quantile_upper_bound_ns(0.5),
+            Some(bucket_upper_bound_ns(bucket_index(1_000)))
+        );
+        assert_eq!(
+            h.quantile_upper_bound_ns(1.0),
+            Some(bucket_upper_bound_ns(bucket_index(50_000_000)))
+        );
     }
 
     #[test]
     fn samples_serialize_as_value_or_histogram() {
-        let s = Sample { name: "vigil_x", labels: Labels::new(), value: SampleValue::Value(1.5) };
-        assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"name":"vigil_x","labels":{},"value":1.5}"#);
+        let s = Sample {
+            name: "vigil_x",
+            labels: Labels::new(),
+            value: SampleValue::Value(1.5),
+        };
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"name":"vigil_x","labels":{},"value":1.5}"#
+        );
         let mut h = LatencyHistogram::default();
         h.record(64);
-        let s = Sample { name: "vigil_h", labels: Labels::new(), value: SampleValue::Histogram(h.snapshot()) };
+        let s = Sample {
+            name: "vigil_h",
+            labels: Labels::new(),
+            value: SampleValue::Histogram(h.snapshot()),
+        };
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
             r#"{"name":"vigil_h","labels":{},"histogram":{"count":1,"sum":6.4e-8,"buckets":[[6.4e-8,1]]}}"#

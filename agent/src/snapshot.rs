@@ -60,7 +60,9 @@ pub fn take_snapshot(
     if !config.syscalls.enabled {
         collectors.insert(
             "syscalls",
-            CollectorStatus::Unavailable("disabled in the config (syscalls.enabled = false)".into()),
+            CollectorStatus::Unavailable(
+                "disabled in the config (syscalls.enabled = false)".into(),
+            ),
         );
     } else {
         match SyscallLatencyCollector::start(&config.syscalls, histogram_syscalls) {
@@ -93,5 +95,10 @@ pub fn take_snapshot(
         samples.extend(collector.samples());
         events.extend(collector.take_events());
     }
-    Ok(SnapshotDocument { node: node_name(), collectors, samples, events })
+    Ok(SnapshotDocument {
+        node: node_name(),
+        collectors,
+        samples,
+        events,
+    })
 }

@@ -37,16 +37,28 @@ fn snapshot_of_a_tracked_python_server_shows_its_sleep_latency() {
         .spawn()
         .expect("python3");
     let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line.trim(), "ready");
 
-    let (ok, doc, stderr) =
-        snapshot(&["--duration", "2s", "--track", "vigil_cli_test_server", "--format", "json"]);
+    let (ok, doc, stderr) = snapshot(&[
+        "--duration",
+        "2s",
+        "--track",
+        "vigil_cli_test_server",
+        "--format",
+        "json",
+    ]);
     server.kill().unwrap();
     server.wait().unwrap();
     assert!(ok, "snapshot failed: {stderr}");
 
-    assert_eq!(doc["collectors"]["syscalls"]["status"], "ok", "{}", doc["collectors"]);
+    assert_eq!(
+        doc["collectors"]["syscalls"]["status"], "ok",
+        "{}",
+        doc["collectors"]
+    );
     assert!(doc["node"].as_str().is_some_and(|n| !n.is_empty()));
     let pid = server.id().to_string();
     let samples = doc["samples"].as_array().unwrap();
@@ -70,7 +82,11 @@ fn snapshot_of_a_tracked_python_server_shows_its_sleep_latency() {
         .unwrap();
     assert!((0.002..0.0025).contains(&p50), "p50 bucket le = {p50} s");
     let sum = histogram["sum"].as_f64().unwrap();
-    assert!((0.002..0.0025).contains(&(sum / count as f64)), "mean = {} s", sum / count as f64);
+    assert!(
+        (0.002..0.0025).contains(&(sum / count as f64)),
+        "mean = {} s",
+        sum / count as f64
+    );
 
     let calls = samples
         .iter()
@@ -83,7 +99,9 @@ fn snapshot_of_a_tracked_python_server_shows_its_sleep_latency() {
     assert!(calls["value"].as_f64().unwrap() >= count as f64 - 1.0);
     let events = doc["events"].as_array().unwrap();
     assert!(
-        events.iter().any(|e| e["kind"] == "process_traced" && e["labels"]["pid"] == pid.as_str()),
+        events
+            .iter()
+            .any(|e| e["kind"] == "process_traced" && e["labels"]["pid"] == pid.as_str()),
         "{events:#?}"
     );
 }
@@ -92,7 +110,13 @@ fn snapshot_of_a_tracked_python_server_shows_its_sleep_latency() {
 fn without_bpf_privileges_the_collector_is_unavailable_and_the_snapshot_still_succeeds() {
     // Run as nobody: no capabilities, so the kernel refuses to load the programs.
     let output = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", AGENT, "snapshot"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            AGENT,
+            "snapshot",
+        ])
         .args(["--duration", "100ms", "--format", "json"])
         .output()
         .expect("setpriv (util-linux)");
@@ -102,7 +126,10 @@ fn without_bpf_privileges_the_collector_is_unavailable_and_the_snapshot_still_su
     let syscalls = &doc["collectors"]["syscalls"];
     assert_eq!(syscalls["status"], "unavailable");
     let reason = syscalls["reason"].as_str().unwrap();
-    assert!(reason.contains("CAP_BPF"), "reason should say what is missing: {reason}");
+    assert!(
+        reason.contains("CAP_BPF"),
+        "reason should say what is missing: {reason}"
+    );
     assert_eq!(doc["samples"], Value::Array(vec![]));
 }
 
@@ -113,7 +140,10 @@ fn a_config_typo_is_an_error_naming_the_key() {
     std::fs::write(&path, "[syscalls]\nmax_tracked_procs = 4\n").unwrap();
     let (ok, _, stderr) = snapshot(&["--config", path.to_str().unwrap(), "--duration", "0s"]);
     assert!(!ok);
-    assert!(stderr.contains("unknown field `max_tracked_procs`"), "{stderr}");
+    assert!(
+        stderr.contains("unknown field `max_tracked_procs`"),
+        "{stderr}"
+    );
 }
 
 #[test]

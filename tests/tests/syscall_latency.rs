@@ -27,13 +27,18 @@ use vigil_agent_common::histogram::{bucket_index, bucket_upper_bound_ns};
 static KERNEL: Mutex<()> = Mutex::new(());
 
 fn kernel_lock() -> MutexGuard<'static, ()> {
-    KERNEL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    KERNEL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Starts the collector, or explains why it cannot. Skipping is allowed only outside CI and only
 /// when asked for, so CI can never pass without running the programs.
 fn start_collector() -> Option<SyscallLatencyCollector> {
-    let config = SyscallsConfig { max_tracked_processes: 8, ..Default::default() };
+    let config = SyscallsConfig {
+        max_tracked_processes: 8,
+        ..Default::default()
+    };
     start_collector_with(&config, config.histogram_syscall_numbers().unwrap())
 }
 
@@ -75,7 +80,11 @@ impl Workload {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready");
-        let workload = Self { child, stdin, stdout };
+        let workload = Self {
+            child,
+            stdin,
+            stdout,
+        };
         workload.wait_until_blocked();
         workload
     }
@@ -145,7 +154,11 @@ fn p50_bucket(sample: Option<&Sample>) -> (usize, u64) {
         panic!("expected a histogram sample, got {sample:?}");
     };
     let rank = h.count.div_ceil(2);
-    let (le, _) = h.buckets.iter().find(|(_, c)| *c >= rank).expect("p50 bucket");
+    let (le, _) = h
+        .buckets
+        .iter()
+        .find(|(_, c)| *c >= rank)
+        .expect("p50 bucket");
     let le_ns = (le * 1e9).round() as u64;
     (bucket_index(le_ns), h.count)
 }
@@ -160,7 +173,9 @@ fn true_p50_bucket(latencies: &[u64]) -> usize {
 #[test]
 fn nanosleep_calls_are_counted_exactly_and_timed_within_one_bucket() {
     let _kernel = kernel_lock();
-    let Some(mut collector) = start_collector() else { return };
+    let Some(mut collector) = start_collector() else {
+        return;
+    };
     const CALLS: usize = 200;
     let mut workload = Workload::spawn("nanosleep", CALLS, 2);
     collector.update_tracked(&[workload.process()]);
@@ -169,7 +184,10 @@ fn nanosleep_calls_are_counted_exactly_and_timed_within_one_bucket() {
     let samples = collector.samples();
     let pid = workload.pid();
 
-    assert_eq!(value(find(&samples, CALLS_METRIC, pid, "nanosleep")), CALLS as f64);
+    assert_eq!(
+        value(find(&samples, CALLS_METRIC, pid, "nanosleep")),
+        CALLS as f64
+    );
     assert_eq!(value(find(&samples, ERRORS_METRIC, pid, "nanosleep")), 0.0);
     let (bucket, count) = p50_bucket(find(&samples, LATENCY_METRIC, pid, "nanosleep"));
     assert_eq!(count, CALLS as u64, "every call is in the histogram");
@@ -180,7 +198,10 @@ fn nanosleep_calls_are_counted_exactly_and_timed_within_one_bucket() {
         bucket_upper_bound_ns(bucket),
         bucket_upper_bound_ns(expected)
     );
-    assert!(bucket_upper_bound_ns(bucket) >= 2_000_000, "a 2 ms sleep cannot take less");
+    assert!(
+        bucket_upper_bound_ns(bucket) >= 2_000_000,
+        "a 2 ms sleep cannot take less"
+    );
     assert_eq!(collector.status(), CollectorStatus::Ok);
     workload.finish();
 }
@@ -188,7 +209,9 @@ fn nanosleep_calls_are_counted_exactly_and_timed_within_one_bucket() {
 #[test]
 fn pipe_reads_blocked_on_a_slow_writer_are_timed_within_one_bucket() {
     let _kernel = kernel_lock();
-    let Some(mut collector) = start_collector() else { return };
+    let Some(mut collector) = start_collector() else {
+        return;
+    };
     const READS: usize = 100;
     let mut workload = Workload::spawn("pipe-read", READS, 3);
     collector.update_tracked(&[workload.process()]);
@@ -199,9 +222,15 @@ fn pipe_reads_blocked_on_a_slow_writer_are_timed_within_one_bucket() {
 
     // The blocked read on stdin that released the workload began before tracking, so only the
     // pipe reads count.
-    assert_eq!(value(find(&samples, CALLS_METRIC, pid, "read")), READS as f64);
+    assert_eq!(
+        value(find(&samples, CALLS_METRIC, pid, "read")),
+        READS as f64
+    );
     // The writer thread belongs to the same process: its sleeps are counted too.
-    assert_eq!(value(find(&samples, CALLS_METRIC, pid, "nanosleep")), READS as f64);
+    assert_eq!(
+        value(find(&samples, CALLS_METRIC, pid, "nanosleep")),
+        READS as f64
+    );
     let (bucket, count) = p50_bucket(find(&samples, LATENCY_METRIC, pid, "read"));
     assert_eq!(count, READS as u64);
     let expected = true_p50_bucket(&latencies);
@@ -217,21 +246,31 @@ fn pipe_reads_blocked_on_a_slow_writer_are_timed_within_one_bucket() {
 #[test]
 fn failed_calls_are_counted_as_errors() {
     let _kernel = kernel_lock();
-    let Some(mut collector) = start_collector() else { return };
+    let Some(mut collector) = start_collector() else {
+        return;
+    };
     let mut workload = Workload::spawn("bad-read", 1000, 0);
     collector.update_tracked(&[workload.process()]);
     workload.run();
     collector.refresh();
     let samples = collector.samples();
-    assert_eq!(value(find(&samples, CALLS_METRIC, workload.pid(), "read")), 1000.0);
-    assert_eq!(value(find(&samples, ERRORS_METRIC, workload.pid(), "read")), 1000.0);
+    assert_eq!(
+        value(find(&samples, CALLS_METRIC, workload.pid(), "read")),
+        1000.0
+    );
+    assert_eq!(
+        value(find(&samples, ERRORS_METRIC, workload.pid(), "read")),
+        1000.0
+    );
     workload.finish();
 }
 
 #[test]
 fn an_untracked_process_produces_no_samples() {
     let _kernel = kernel_lock();
-    let Some(mut collector) = start_collector() else { return };
+    let Some(mut collector) = start_collector() else {
+        return;
+    };
     let mut tracked = Workload::spawn("nanosleep", 20, 1);
     let mut untracked = Workload::spawn("nanosleep", 20, 1);
     collector.update_tracked(&[tracked.process()]);
@@ -242,7 +281,10 @@ fn an_untracked_process_produces_no_samples() {
     let untracked_pid = untracked.pid().to_string();
     assert!(samples.iter().all(|s| s.labels["pid"] != untracked_pid));
     assert_eq!(collector.kernel_slot(untracked.pid()), 0);
-    assert_eq!(value(find(&samples, CALLS_METRIC, tracked.pid(), "nanosleep")), 20.0);
+    assert_eq!(
+        value(find(&samples, CALLS_METRIC, tracked.pid(), "nanosleep")),
+        20.0
+    );
     tracked.finish();
     untracked.finish();
 }
@@ -250,7 +292,9 @@ fn an_untracked_process_produces_no_samples() {
 #[test]
 fn a_tracked_process_that_exits_is_cleaned_up_and_its_slot_reused() {
     let _kernel = kernel_lock();
-    let Some(mut collector) = start_collector() else { return };
+    let Some(mut collector) = start_collector() else {
+        return;
+    };
     let mut first = Workload::spawn("nanosleep", 10, 1);
     let first_pid = first.pid();
     collector.update_tracked(&[first.process()]);
@@ -263,19 +307,36 @@ fn a_tracked_process_that_exits_is_cleaned_up_and_its_slot_reused() {
     let mut second = Workload::spawn("nanosleep", 5, 1);
     collector.update_tracked(&[second.process()]);
     assert_eq!(collector.traced_pids(), vec![second.pid()]);
-    assert_eq!(collector.kernel_slot(first_pid), 0, "kernel no longer tracks the exited pid");
-    assert_eq!(collector.kernel_slot(second.pid()), slot, "the freed slot is reused");
+    assert_eq!(
+        collector.kernel_slot(first_pid),
+        0,
+        "kernel no longer tracks the exited pid"
+    );
+    assert_eq!(
+        collector.kernel_slot(second.pid()),
+        slot,
+        "the freed slot is reused"
+    );
     let events = collector.take_events();
-    assert!(events.iter().any(|e| e.kind == "process_untraced"
-        && e.labels["pid"] == first_pid.to_string()));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "process_untraced" && e.labels["pid"] == first_pid.to_string())
+    );
 
     second.run();
     collector.refresh();
     let samples = collector.samples();
     // The reused slot starts from zero: only the second process's own calls.
-    assert_eq!(value(find(&samples, CALLS_METRIC, second.pid(), "nanosleep")), 5.0);
+    assert_eq!(
+        value(find(&samples, CALLS_METRIC, second.pid(), "nanosleep")),
+        5.0
+    );
     // The exited process's final totals are still reported until forgotten.
-    assert_eq!(value(find(&samples, CALLS_METRIC, first_pid, "nanosleep")), 10.0);
+    assert_eq!(
+        value(find(&samples, CALLS_METRIC, first_pid, "nanosleep")),
+        10.0
+    );
     collector.forget_retired();
     assert!(find(&collector.samples(), CALLS_METRIC, first_pid, "nanosleep").is_none());
     second.finish();
@@ -284,7 +345,9 @@ fn a_tracked_process_that_exits_is_cleaned_up_and_its_slot_reused() {
 #[test]
 fn a_reused_pid_with_a_new_start_time_is_a_new_process() {
     let _kernel = kernel_lock();
-    let Some(mut collector) = start_collector() else { return };
+    let Some(mut collector) = start_collector() else {
+        return;
+    };
     let mut workload = Workload::spawn("nanosleep", 10, 1);
     let mut identity = workload.process();
     collector.update_tracked(std::slice::from_ref(&identity));
@@ -309,9 +372,14 @@ fn a_reused_pid_with_a_new_start_time_is_a_new_process() {
 #[test]
 fn syscalls_without_a_preassigned_histogram_get_one_after_a_pass() {
     let _kernel = kernel_lock();
-    let config = SyscallsConfig { max_tracked_processes: 4, ..Default::default() };
+    let config = SyscallsConfig {
+        max_tracked_processes: 4,
+        ..Default::default()
+    };
     // No preassigned columns at all: every syscall starts in `other`.
-    let Some(mut collector) = start_collector_with(&config, vec![]) else { return };
+    let Some(mut collector) = start_collector_with(&config, vec![]) else {
+        return;
+    };
     let mut workload = Workload::spawn("nanosleep", 30, 1);
     let pid = workload.pid();
     collector.update_tracked(&[workload.process()]);
@@ -325,7 +393,10 @@ fn syscalls_without_a_preassigned_histogram_get_one_after_a_pass() {
         .map(|s| value(Some(s)))
         .sum();
     assert!(all_calls >= 30.0);
-    assert_eq!(in_other as f64, all_calls, "calls before the first pass all share `other`");
+    assert_eq!(
+        in_other as f64, all_calls,
+        "calls before the first pass all share `other`"
+    );
     assert!(find(&samples, LATENCY_METRIC, pid, "nanosleep").is_none());
 
     workload.run();

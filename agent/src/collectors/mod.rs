@@ -39,7 +39,10 @@ mod tests {
 
     #[test]
     fn status_serializes_with_reason_only_when_not_ok() {
-        assert_eq!(serde_json::to_string(&CollectorStatus::Ok).unwrap(), r#"{"status":"ok"}"#);
+        assert_eq!(
+            serde_json::to_string(&CollectorStatus::Ok).unwrap(),
+            r#"{"status":"ok"}"#
+        );
         assert_eq!(
             serde_json::to_string(&CollectorStatus::Unavailable("no BPF".into())).unwrap(),
             r#"{"status":"unavailable","reason":"no BPF"}"#

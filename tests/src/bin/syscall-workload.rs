@@ -26,9 +26,18 @@ fn wait_for_stdin() -> bool {
 }
 
 fn nanosleep(millis: u64) {
-    let ts = libc::timespec { tv_sec: 0, tv_nsec: (millis * 1_000_000) as libc::c_long };
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: (millis * 1_000_000) as libc::c_long,
+    };
     // SAFETY: valid timespec; a null remainder pointer is allowed.
-    unsafe { libc::syscall(libc::SYS_nanosleep, &ts, std::ptr::null_mut::<libc::timespec>()) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_nanosleep,
+            &ts,
+            std::ptr::null_mut::<libc::timespec>(),
+        )
+    };
 }
 
 fn timed(f: impl FnOnce()) -> u64 {
@@ -72,7 +81,12 @@ fn run(mode: &str, count: usize, millis: u64) -> Vec<u64> {
             let latencies = (0..count)
                 .map(|_| {
                     // SAFETY: reads one byte into a valid buffer from our pipe.
-                    timed(|| assert_eq!(unsafe { libc::read(read_fd, byte.as_mut_ptr().cast(), 1) }, 1))
+                    timed(|| {
+                        assert_eq!(
+                            unsafe { libc::read(read_fd, byte.as_mut_ptr().cast(), 1) },
+                            1
+                        )
+                    })
                 })
                 .collect();
             writer.join().unwrap();

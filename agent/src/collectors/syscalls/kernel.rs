@@ -41,15 +41,19 @@ pub enum ProbeError {
     Load {
         hint: String,
         #[source]
-        source: EbpfError,
+        source: Box<EbpfError>,
     },
     #[error("the kernel refused eBPF program {program}{hint}")]
     Program {
         program: &'static str,
         hint: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
+    #[error(
+        "eBPF program {0} is missing from the embedded object; rebuild with `cargo xtask build`"
+    )]
+    MissingProgram(&'static str),
     #[error("eBPF map {map} is missing from the object or has an unexpected type")]
     Map {
         map: &'static str,
@@ -84,7 +88,10 @@ fn privilege_hint() -> String {
 
 /// Lifts RLIMIT_MEMLOCK, which kernels before 5.11 charge BPF maps against.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads the struct we pass and has no other preconditions.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
@@ -122,14 +129,21 @@ fn load_object(slots: u32, pid_max: u32) -> Result<Ebpf, ProbeError> {
         .map_max_entries(SYSCALL_COLUMNS, slots)
         .map_max_entries(LATENCY_ROWS, slots * LATENCY_COLUMNS)
         .load(BPF_OBJECT)
-        .map_err(|source| ProbeError::Load { hint: privilege_hint(), source })
+        .map_err(|source| ProbeError::Load {
+            hint: privilege_hint(),
+            source: Box::new(source),
+        })
 }
 
 fn attach(ebpf: &mut Ebpf, program: &'static str, tracepoint: &str) -> Result<(), ProbeError> {
-    let refused = |source| ProbeError::Program { program, hint: privilege_hint(), source };
+    let refused = |source| ProbeError::Program {
+        program,
+        hint: privilege_hint(),
+        source: Box::new(source),
+    };
     let prog: &mut RawTracePoint = ebpf
         .program_mut(program)
-        .ok_or(ProbeError::Map { map: program, source: None })?
+        .ok_or(ProbeError::MissingProgram(program))?
         .try_into()
         .map_err(refused)?;
     prog.load().map_err(refused)?;
@@ -156,26 +170,44 @@ struct MappedArray {
 impl MappedArray {
     fn map(ebpf: &mut Ebpf, name: &'static str, value_size: usize) -> Result<Self, ProbeError> {
         let Some(Map::Array(data)) = ebpf.map(name) else {
-            return Err(ProbeError::Map { map: name, source: None });
+            return Err(ProbeError::Map {
+                map: name,
+                source: None,
+            });
         };
-        let entries = data.info().map_err(|e| ProbeError::Map { map: name, source: Some(e) })?;
+        let entries = data.info().map_err(|e| ProbeError::Map {
+            map: name,
+            source: Some(e),
+        })?;
         let len = entries.max_entries() as usize * value_size.next_multiple_of(8);
         // SAFETY: the fd is a BPF array created with BPF_F_MMAPABLE whose data is exactly `len`
         // bytes; the kernel keeps the memory alive while it is mapped, and all accesses go
         // through atomics because the kernel writes concurrently.
-        let memory = unsafe { MmapOptions::new().len(len).map_mut(data.fd().as_fd().as_raw_fd()) }
-            .map_err(|source| ProbeError::Mmap { map: name, source })?;
+        let memory = unsafe {
+            MmapOptions::new()
+                .len(len)
+                .map_mut(data.fd().as_fd().as_raw_fd())
+        }
+        .map_err(|source| ProbeError::Mmap { map: name, source })?;
         Ok(Self { name, memory })
     }
 
     fn u64_at(&self, byte_offset: usize) -> &AtomicU64 {
-        assert!(byte_offset % 8 == 0 && byte_offset + 8 <= self.memory.len(), "{}", self.name);
+        assert!(
+            byte_offset.is_multiple_of(8) && byte_offset + 8 <= self.memory.len(),
+            "{}",
+            self.name
+        );
         // SAFETY: in bounds and 8-byte aligned (mmap is page aligned); AtomicU64 has u64's layout.
         unsafe { &*self.memory.as_ptr().add(byte_offset).cast::<AtomicU64>() }
     }
 
     fn u32_at(&self, byte_offset: usize) -> &AtomicU32 {
-        assert!(byte_offset % 4 == 0 && byte_offset + 4 <= self.memory.len(), "{}", self.name);
+        assert!(
+            byte_offset.is_multiple_of(4) && byte_offset + 4 <= self.memory.len(),
+            "{}",
+            self.name
+        );
         // SAFETY: in bounds and 4-byte aligned; AtomicU32 has u32's layout.
         unsafe { &*self.memory.as_ptr().add(byte_offset).cast::<AtomicU32>() }
     }
@@ -208,15 +240,21 @@ impl SyscallProbes {
         let counts = MappedArray::map(&mut ebpf, SYSCALL_COUNTS, size_of::<SyscallCount>())?;
         let rows = MappedArray::map(&mut ebpf, LATENCY_ROWS, size_of::<LatencyRow>())?;
         let take = |ebpf: &mut Ebpf, map: &'static str| {
-            let data = ebpf.take_map(map).ok_or(ProbeError::Map { map, source: None })?;
+            let data = ebpf
+                .take_map(map)
+                .ok_or(ProbeError::Map { map, source: None })?;
             Ok::<_, ProbeError>((map, data))
         };
         let (name, data) = take(&mut ebpf, PROCESS_SLOTS)?;
-        let process_slots =
-            Array::try_from(data).map_err(|e| ProbeError::Map { map: name, source: Some(e) })?;
+        let process_slots = Array::try_from(data).map_err(|e| ProbeError::Map {
+            map: name,
+            source: Some(e),
+        })?;
         let (name, data) = take(&mut ebpf, SYSCALL_COLUMNS)?;
-        let syscall_columns =
-            Array::try_from(data).map_err(|e| ProbeError::Map { map: name, source: Some(e) })?;
+        let syscall_columns = Array::try_from(data).map_err(|e| ProbeError::Map {
+            map: name,
+            source: Some(e),
+        })?;
         // Maps are populated before the programs run, so attach last.
         attach(&mut ebpf, PROGRAM_SYS_ENTER, "sys_enter")?;
         attach(&mut ebpf, PROGRAM_SYS_EXIT, "sys_exit")?;
@@ -247,7 +285,10 @@ impl SyscallProbes {
         let new = (old & !(0xffff << shift)) | ((slot as u64) << shift);
         self.process_slots
             .set(word_index, new, 0)
-            .map_err(|source| ProbeError::Update { map: PROCESS_SLOTS, source })?;
+            .map_err(|source| ProbeError::Update {
+                map: PROCESS_SLOTS,
+                source,
+            })?;
         if new == 0 {
             self.slot_words.remove(&word_index);
         } else {
@@ -268,7 +309,8 @@ impl SyscallProbes {
     pub fn reset_slot(&mut self, slot: u16, columns: &ProcessColumns) -> Result<(), ProbeError> {
         let index = (slot - 1) as usize;
         let counts_len = SYSCALL_NR_LIMIT as usize * size_of::<SyscallCount>();
-        self.counts.zero(index * counts_len..(index + 1) * counts_len);
+        self.counts
+            .zero(index * counts_len..(index + 1) * counts_len);
         let rows_len = LATENCY_COLUMNS as usize * size_of::<LatencyRow>();
         self.rows.zero(index * rows_len..(index + 1) * rows_len);
         self.set_columns(slot, columns)
@@ -277,7 +319,10 @@ impl SyscallProbes {
     pub fn set_columns(&mut self, slot: u16, columns: &ProcessColumns) -> Result<(), ProbeError> {
         self.syscall_columns
             .set((slot - 1) as u32, columns, 0)
-            .map_err(|source| ProbeError::Update { map: SYSCALL_COLUMNS, source })
+            .map_err(|source| ProbeError::Update {
+                map: SYSCALL_COLUMNS,
+                source,
+            })
     }
 
     /// Calls and errors of syscall `nr` in `slot` since the slot was reset.
@@ -291,11 +336,19 @@ impl SyscallProbes {
     }
 
     /// Copies one latency row: the sum of latencies in ns, and the 32-bit (wrapping) bucket counts.
-    pub fn read_latency_row(&self, slot: u16, column: u8, buckets: &mut [u32; BUCKET_COUNT]) -> u64 {
+    pub fn read_latency_row(
+        &self,
+        slot: u16,
+        column: u8,
+        buckets: &mut [u32; BUCKET_COUNT],
+    ) -> u64 {
         let row = (slot as usize - 1) * LATENCY_COLUMNS as usize + column as usize;
         let offset = row * size_of::<LatencyRow>();
         for (index, bucket) in buckets.iter_mut().enumerate() {
-            *bucket = self.rows.u32_at(offset + 8 + index * 4).load(Ordering::Relaxed);
+            *bucket = self
+                .rows
+                .u32_at(offset + 8 + index * 4)
+                .load(Ordering::Relaxed);
         }
         self.rows.u64_at(offset).load(Ordering::Relaxed)
     }

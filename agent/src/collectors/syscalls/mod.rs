@@ -16,11 +16,13 @@ use vigil_agent_common::{
     maps::{LATENCY_COLUMNS, OTHER_COLUMN, ProcessColumns, SYSCALL_NR_LIMIT, SyscallCount},
 };
 
-pub use kernel::{ProbeError, SyscallProbes, attach_empty_programs, map_memory_bytes, node_pid_max};
+pub use kernel::{
+    ProbeError, SyscallProbes, attach_empty_programs, map_memory_bytes, node_pid_max,
+};
 
 use crate::{
     collectors::CollectorStatus,
-    sample::{Event, LatencyHistogram, Labels, Sample, SampleValue},
+    sample::{Event, Labels, LatencyHistogram, Sample, SampleValue},
     selection::ModelServerProcess,
 };
 
@@ -75,7 +77,9 @@ impl SyscallsConfig {
     /// the default list are skipped; a name the user wrote must exist.
     pub fn histogram_syscall_numbers(&self) -> Result<Vec<u32>, SyscallsConfigError> {
         if !(1..=u16::MAX as u32).contains(&self.max_tracked_processes) {
-            return Err(SyscallsConfigError::BadProcessBudget(self.max_tracked_processes));
+            return Err(SyscallsConfigError::BadProcessBudget(
+                self.max_tracked_processes,
+            ));
         }
         let mut numbers = Vec::new();
         for name in &self.histogram_syscalls {
@@ -104,7 +108,7 @@ struct TracedProcess {
     counts: BTreeMap<u32, SyscallCount>,
     /// Running latency totals per column, and the last raw 32-bit kernel buckets behind them.
     latency: Vec<LatencyHistogram>,
-    last_raw: Vec<Box<[u32; BUCKET_COUNT]>>,
+    last_raw: Vec<[u32; BUCKET_COUNT]>,
     last_sum_ns: Vec<u64>,
 }
 
@@ -166,10 +170,7 @@ pub struct SyscallLatencyCollector {
 impl SyscallLatencyCollector {
     /// Loads and attaches the eBPF programs. Fails when the kernel or our privileges do not allow
     /// it; the error says why.
-    pub fn start(
-        config: &SyscallsConfig,
-        preassigned: Vec<u32>,
-    ) -> Result<Self, ProbeError> {
+    pub fn start(config: &SyscallsConfig, preassigned: Vec<u32>) -> Result<Self, ProbeError> {
         let slots = config.max_tracked_processes;
         let probes = SyscallProbes::attach(slots)?;
         tracing::info!(
@@ -225,7 +226,9 @@ impl SyscallLatencyCollector {
             .traced
             .iter()
             .filter(|(pid, traced)| {
-                wanted.get(pid).is_none_or(|p| p.start_time_ticks != traced.process.start_time_ticks)
+                wanted
+                    .get(pid)
+                    .is_none_or(|p| p.start_time_ticks != traced.process.start_time_ticks)
             })
             .map(|(pid, _)| *pid)
             .collect();
@@ -249,7 +252,9 @@ impl SyscallLatencyCollector {
     }
 
     fn assign(&mut self, slot: u16, process: &ModelServerProcess) -> Result<(), ProbeError> {
-        let mut columns = ProcessColumns { columns: [OTHER_COLUMN; SYSCALL_NR_LIMIT as usize] };
+        let mut columns = ProcessColumns {
+            columns: [OTHER_COLUMN; SYSCALL_NR_LIMIT as usize],
+        };
         let mut column_syscalls = vec![None];
         for &nr in &self.preassigned {
             columns.columns[nr as usize] = column_syscalls.len() as u8;
@@ -268,20 +273,25 @@ impl SyscallLatencyCollector {
                 column_syscalls,
                 counts: BTreeMap::new(),
                 latency: vec![LatencyHistogram::default(); columns_in_use],
-                last_raw: vec![Box::new([0; BUCKET_COUNT]); columns_in_use],
+                last_raw: vec![[0; BUCKET_COUNT]; columns_in_use],
                 last_sum_ns: vec![0; columns_in_use],
             },
         );
         self.events.push(Event::now(
             "process_traced",
             process_labels(process),
-            format!("tracing syscalls of {} (pid {}, server {})", process.comm, process.pid, process.server),
+            format!(
+                "tracing syscalls of {} (pid {}, server {})",
+                process.comm, process.pid, process.server
+            ),
         ));
         Ok(())
     }
 
     fn release(&mut self, pid: u32) {
-        let Some(mut traced) = self.traced.remove(&pid) else { return };
+        let Some(mut traced) = self.traced.remove(&pid) else {
+            return;
+        };
         Self::read_slot(&mut self.probes, &mut traced);
         if let Err(error) = self.probes.set_process_slot(pid, 0) {
             // Leave the slot out of the free set: the kernel may still count into it.
@@ -349,7 +359,7 @@ impl SyscallLatencyCollector {
                 traced.columns.columns[nr as usize] = traced.column_syscalls.len() as u8;
                 traced.column_syscalls.push(Some(nr));
                 traced.latency.push(LatencyHistogram::default());
-                traced.last_raw.push(Box::new([0; BUCKET_COUNT]));
+                traced.last_raw.push([0; BUCKET_COUNT]);
                 traced.last_sum_ns.push(0);
                 changed = true;
             }
@@ -394,20 +404,31 @@ mod tests {
     #[test]
     fn config_rejects_unknown_keys_and_syscalls() {
         let err = toml::from_str::<SyscallsConfig>("max_tracked = 3").unwrap_err();
-        assert!(err.to_string().contains("unknown field `max_tracked`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `max_tracked`"),
+            "{err}"
+        );
         let config: SyscallsConfig =
             toml::from_str(r#"histogram_syscalls = ["read", "reed"]"#).unwrap();
         assert_eq!(
             config.histogram_syscall_numbers(),
             Err(SyscallsConfigError::UnknownSyscall("reed".into()))
         );
-        let config = SyscallsConfig { max_tracked_processes: 0, ..Default::default() };
-        assert_eq!(config.histogram_syscall_numbers(), Err(SyscallsConfigError::BadProcessBudget(0)));
+        let config = SyscallsConfig {
+            max_tracked_processes: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            config.histogram_syscall_numbers(),
+            Err(SyscallsConfigError::BadProcessBudget(0))
+        );
     }
 
     #[test]
     fn default_histogram_syscalls_resolve_on_this_architecture() {
-        let numbers = SyscallsConfig::default().histogram_syscall_numbers().unwrap();
+        let numbers = SyscallsConfig::default()
+            .histogram_syscall_numbers()
+            .unwrap();
         assert!(numbers.contains(&names::syscall_number("read").unwrap()));
         assert!(numbers.contains(&names::syscall_number("ioctl").unwrap()));
     }
@@ -417,6 +438,9 @@ mod tests {
         let bytes = map_memory_bytes(256, 32768);
         assert!(bytes <= 32 << 20, "{bytes}");
         // 256 slots x (512 x 16 B counts + 512 B columns + 32 x 2000 B rows) + 10 B per pid
-        assert_eq!(bytes, 256 * (512 * 16 + 512 + 32 * 2000) + 32768 / 4 * 8 + 32768 * 8);
+        assert_eq!(
+            bytes,
+            256 * (512 * 16 + 512 + 32 * 2000) + 32768 / 4 * 8 + 32768 * 8
+        );
     }
 }

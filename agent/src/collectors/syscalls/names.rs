@@ -70,7 +70,9 @@ mod tests {
 
     #[test]
     fn default_histogram_syscalls_fit_the_columns() {
-        let known = DEFAULT_HISTOGRAM_SYSCALLS.iter().filter(|n| syscall_number(n).is_some());
+        let known = DEFAULT_HISTOGRAM_SYSCALLS
+            .iter()
+            .filter(|n| syscall_number(n).is_some());
         assert!(known.count() < vigil_agent_common::maps::LATENCY_COLUMNS as usize);
     }
 }
