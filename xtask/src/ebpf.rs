@@ -61,7 +61,7 @@ pub fn build(ws: &Workspace) -> Result<PathBuf> {
         .join(EBPF_BINARY);
     let object = ws.bpf_object();
     copy_if_changed(&built, &object)?;
-    println!("build-ebpf: {}", object.display());
+    eprintln!("build-ebpf: {}", object.display());
     Ok(object)
 }
 

@@ -4,6 +4,9 @@
 //! which the stable toolchain that builds everything else cannot do. These tasks find or install a
 //! toolchain that can (`setup`), build the object (`build-ebpf`) and hand its path to the agent's
 //! build script through `VIGIL_BPF_OBJECT`, which embeds it.
+//!
+//! Progress goes to stderr, so that stdout carries only results: the agent's own output for
+//! `run` (e.g. a JSON snapshot to pipe into jq) and the benchmark's report.
 
 mod bench;
 mod ebpf;
@@ -13,7 +16,7 @@ mod workspace;
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -101,6 +104,9 @@ fn test(ws: &Workspace) -> Result<()> {
     }
     let started = Instant::now();
     let object = ebpf::build(ws).context("test: FAILED at step build-ebpf")?;
+    for (subcommand, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        ensure_cargo_subcommand(ws, &object, subcommand, component)?;
+    }
 
     let steps: [(&str, &[&str]); 3] = [
         ("fmt", &["fmt", "--all", "--", "--check"]),
@@ -126,11 +132,34 @@ fn test(ws: &Workspace) -> Result<()> {
             return Err(err);
         }
     }
-    println!(
+    eprintln!(
         "test: all steps passed (build-ebpf, fmt, clippy, test) in {:.0?}",
         started.elapsed()
     );
     Ok(())
+}
+
+/// A minimal rustup profile lacks rustfmt and clippy; add them to the toolchain running us.
+fn ensure_cargo_subcommand(
+    ws: &Workspace,
+    object: &std::path::Path,
+    subcommand: &str,
+    component: &str,
+) -> Result<()> {
+    let mut probe = ws.cargo(object);
+    probe
+        .args([subcommand, "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if probe.status().is_ok_and(|status| status.success()) {
+        return Ok(());
+    }
+    if shell::find_in_path("rustup").is_none() {
+        bail!("`cargo {subcommand}` is not available; install {component} for your toolchain");
+    }
+    let mut rustup = std::process::Command::new("rustup");
+    rustup.args(["component", "add", component]);
+    shell::run(&mut rustup).with_context(|| format!("`cargo {subcommand}` is not available"))
 }
 
 fn run(ws: &Workspace, args: Vec<OsString>) -> Result<()> {

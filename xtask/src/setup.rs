@@ -155,10 +155,10 @@ pub fn ensure() -> Result<EbpfToolchain> {
         .expect("an executable's path has a parent")
         .to_path_buf();
     let kind = if use_debian {
-        println!("setup: eBPF toolchain: Debian's rustc + bpf-linker");
+        eprintln!("setup: eBPF toolchain: Debian's rustc + bpf-linker");
         ToolchainKind::Debian
     } else {
-        println!("setup: eBPF toolchain: rustup nightly + rust-src + bpf-linker");
+        eprintln!("setup: eBPF toolchain: rustup nightly + rust-src + bpf-linker");
         ToolchainKind::RustupNightly {
             rustup: find_rustup().expect("checked above"),
         }
@@ -236,14 +236,14 @@ fn install(needed: &[&Checked]) -> Result<()> {
     }
 
     if !packages.is_empty() {
-        println!("setup: installing {} with apt-get", packages.join(" "));
+        eprintln!("setup: installing {} with apt-get", packages.join(" "));
         apt_get(&["update"])?;
         let mut install = vec!["install", "-y"];
         install.extend(&packages);
         apt_get(&install)?;
     }
     if build_bpf_linker {
-        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR}");
+        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR}");
         // The host toolchain's cargo; `--force` replaces a bpf-linker built for another LLVM.
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut command = Command::new(cargo);
@@ -278,7 +278,7 @@ fn install(needed: &[&Checked]) -> Result<()> {
 }
 
 fn print_line(name: &str, state: &str, detail: &str) {
-    println!("setup: {name:<22} {state}: {detail}");
+    eprintln!("setup: {name:<22} {state}: {detail}");
 }
 
 fn apt_get(args: &[&str]) -> Result<()> {
@@ -293,21 +293,21 @@ fn print_instructions(debian: &[Checked], rustup: &[Checked], peers: &[Checked])
     } else {
         "not running as root"
     };
-    println!("setup: cannot install what is missing ({why}). To get it:");
+    eprintln!("setup: cannot install what is missing ({why}). To get it:");
     let peer_packages = missing_apt_packages(peers);
     if !all_found(debian) && !all_found(rustup) {
         let mut packages = vec!["rustc-web", "cargo-web", "rust-web-src", LLVM_DEV_PACKAGE];
         packages.extend(&peer_packages);
-        println!("  either, on Debian/Ubuntu as root (or with sudo):");
-        println!(
+        eprintln!("  either, on Debian/Ubuntu as root (or with sudo):");
+        eprintln!(
             "    apt-get update && apt-get install -y {}",
             packages.join(" ")
         );
-        println!(
+        eprintln!(
             "    LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --version {BPF_LINKER_VERSION} \
              --locked --no-default-features --features llvm-{LLVM_MAJOR}"
         );
-        println!("  or, with rustup:");
+        eprintln!("  or, with rustup:");
         // Installing nightly with its rust-src covers a missing rust-src too.
         let nightly_missing = rustup[0].result.is_err();
         for (index, c) in rustup.iter().enumerate() {
@@ -315,15 +315,15 @@ fn print_instructions(debian: &[Checked], rustup: &[Checked], peers: &[Checked])
                 continue;
             }
             if let (Err(_), Provider::Rustup(command)) = (&c.result, c.component.provider) {
-                println!("    {command}");
+                eprintln!("    {command}");
             }
         }
         if !peer_packages.is_empty() {
-            println!("    plus your distribution's {}", peer_packages.join(" "));
+            eprintln!("    plus your distribution's {}", peer_packages.join(" "));
         }
     } else {
-        println!("  as root (or with sudo):");
-        println!(
+        eprintln!("  as root (or with sudo):");
+        eprintln!(
             "    apt-get update && apt-get install -y {}",
             peer_packages.join(" ")
         );
