@@ -77,6 +77,8 @@ pub fn slot_position(tgid: u32) -> (u32, u32) {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyscallCount {
+    /// Calls made while the syscall had no latency row of its own. Once it has one, the row's
+    /// bucket counts are its calls (the kernel skips this add to save an atomic per syscall).
     pub calls: u64,
     /// Calls that returned a negative value (`-errno`).
     pub errors: u64,

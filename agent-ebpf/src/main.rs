@@ -22,7 +22,7 @@ use aya_ebpf::{
 use vigil_agent_common::{
     histogram::{BUCKET_COUNT, bucket_index},
     maps::{
-        BPF_F_MMAPABLE, LATENCY_COLUMNS, LatencyRow, ProcessColumns, SLOTS_PER_WORD,
+        BPF_F_MMAPABLE, LATENCY_COLUMNS, LatencyRow, OTHER_COLUMN, ProcessColumns, SLOTS_PER_WORD,
         SYSCALL_NR_LIMIT, SyscallCount, decode_start, elapsed_since, encode_start, slot_position,
     },
 };
@@ -110,20 +110,31 @@ pub fn vigil_sys_exit(ctx: RawTracePointContext) -> i32 {
     let process = slot - 1;
     let ret: i64 = ctx.arg(1);
 
-    if let Some(count) = SYSCALL_COUNTS.get_ptr_mut(process * SYSCALL_NR_LIMIT + nr) {
-        // SAFETY: valid array element; concurrent updaters use atomic adds.
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*count).calls, 1);
-            if ret < 0 {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*count).errors, 1);
-            }
-        }
-    }
-
     let column = match SYSCALL_COLUMNS.get(process) {
         Some(columns) => columns.columns[nr as usize] as u32 % LATENCY_COLUMNS,
         None => 0,
     };
+    // A syscall with a histogram row of its own is counted by that row alone (one atomic add
+    // less on the hot path); user space adds the row's count to `calls`.
+    if column == OTHER_COLUMN as u32 || ret < 0 {
+        if let Some(count) = SYSCALL_COUNTS.get_ptr_mut(process * SYSCALL_NR_LIMIT + nr) {
+            // SAFETY: valid array element; concurrent updaters use atomic adds.
+            unsafe {
+                if column == OTHER_COLUMN as u32 {
+                    atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                        &raw mut (*count).calls,
+                        1,
+                    );
+                }
+                if ret < 0 {
+                    atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                        &raw mut (*count).errors,
+                        1,
+                    );
+                }
+            }
+        }
+    }
     if let Some(row) = LATENCY_ROWS.get_ptr_mut(process * LATENCY_COLUMNS + column) {
         let bucket = bucket_index(elapsed);
         if bucket < BUCKET_COUNT {

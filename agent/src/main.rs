@@ -4,6 +4,7 @@ use std::{
     io::{BufRead, IsTerminal, Write},
     path::PathBuf,
     process::ExitCode,
+    sync::mpsc::RecvTimeoutError,
     time::Duration,
 };
 
@@ -123,8 +124,9 @@ fn process_by_pid(pid: u32) -> Result<ModelServerProcess, String> {
 }
 
 fn overhead_probe(mode: ProbeMode, pid: Option<u32>) -> Result<(), String> {
-    let _attached: Box<dyn std::any::Any> = match mode {
-        ProbeMode::Floor => Box::new(attach_empty_programs().map_err(|e| error_chain(&e))?),
+    let mut collector = None;
+    let _floor = match mode {
+        ProbeMode::Floor => Some(attach_empty_programs().map_err(|e| error_chain(&e))?),
         ProbeMode::Untracked | ProbeMode::Tracked => {
             let target = match (mode, pid) {
                 (ProbeMode::Tracked, Some(pid)) => pid,
@@ -135,18 +137,30 @@ fn overhead_probe(mode: ProbeMode, pid: Option<u32>) -> Result<(), String> {
             let numbers = config
                 .histogram_syscall_numbers()
                 .map_err(|e| e.to_string())?;
-            let mut collector =
+            let mut started =
                 SyscallLatencyCollector::start(&config, numbers).map_err(|e| error_chain(&e))?;
-            collector.update_tracked(&[process_by_pid(target)?]);
-            Box::new(collector)
+            started.update_tracked(&[process_by_pid(target)?]);
+            collector = Some(started);
+            None
         }
     };
     println!("ready");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
-    // Stay attached until the benchmark closes our stdin.
-    for line in std::io::stdin().lock().lines() {
-        if line.is_err() {
-            break;
+
+    // Stay attached until the benchmark closes our stdin, running collection passes as the
+    // agent does (more often, so short measurements see the steady state).
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if line.is_err() {
+                break;
+            }
+        }
+        let _ = closed_tx.send(());
+    });
+    while let Err(RecvTimeoutError::Timeout) = closed_rx.recv_timeout(Duration::from_millis(100)) {
+        if let Some(collector) = collector.as_mut() {
+            collector.refresh();
         }
     }
     Ok(())

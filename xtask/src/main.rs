@@ -108,8 +108,19 @@ fn test(ws: &Workspace) -> Result<()> {
         ensure_cargo_subcommand(ws, &object, subcommand, component)?;
     }
 
-    let steps: [(&str, &[&str]); 3] = [
+    let steps: [(&str, &[&str]); 4] = [
         ("fmt", &["fmt", "--all", "--", "--check"]),
+        // agent-ebpf is its own workspace, so `--all` does not reach it.
+        (
+            "fmt",
+            &[
+                "fmt",
+                "--manifest-path",
+                "agent-ebpf/Cargo.toml",
+                "--",
+                "--check",
+            ],
+        ),
         (
             "clippy",
             &[

@@ -104,7 +104,8 @@ struct TracedProcess {
     columns: ProcessColumns,
     /// Syscall number of each column in use (column 0, `other`, has none).
     column_syscalls: Vec<Option<u32>>,
-    /// Latest call/error counts per syscall number (kernel counters are 64-bit totals).
+    /// Latest `SYSCALL_COUNTS` entries per syscall number (64-bit totals; see
+    /// [`Self::calls_per_syscall`] for what they count).
     counts: BTreeMap<u32, SyscallCount>,
     /// Running latency totals per column, and the last raw 32-bit kernel buckets behind them.
     latency: Vec<LatencyHistogram>,
@@ -122,8 +123,21 @@ impl TracedProcess {
         ])
     }
 
+    /// Calls and errors per syscall: the kernel counts a call either in `SYSCALL_COUNTS`
+    /// (no row of its own yet) or in the syscall's latency row, never both.
+    fn calls_per_syscall(&self) -> BTreeMap<u32, SyscallCount> {
+        let mut per_syscall = self.counts.clone();
+        for (column, nr) in self.column_syscalls.iter().enumerate() {
+            let in_row = self.latency[column].count();
+            if let (Some(nr), true) = (nr, in_row > 0) {
+                per_syscall.entry(*nr).or_default().calls += in_row;
+            }
+        }
+        per_syscall
+    }
+
     fn samples(&self, out: &mut Vec<Sample>) {
-        for (&nr, count) in &self.counts {
+        for (nr, count) in self.calls_per_syscall() {
             let name = names::syscall_name(nr);
             out.push(Sample {
                 name: CALLS_METRIC,
@@ -325,7 +339,7 @@ impl SyscallLatencyCollector {
     fn read_slot(probes: &mut SyscallProbes, traced: &mut TracedProcess) {
         for nr in 0..SYSCALL_NR_LIMIT {
             let count = probes.syscall_count(traced.slot, nr);
-            if count.calls > 0 {
+            if count.calls > 0 || count.errors > 0 {
                 traced.counts.insert(nr, count);
             }
         }
