@@ -4,12 +4,6 @@
 //! These tests need root (or CAP_BPF + CAP_PERFMON). They never skip under CI; elsewhere, set
 //! VIGIL_SKIP_BPF_TESTS=1 to skip them when BPF is unavailable.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::{Mutex, MutexGuard},
-};
-
 use vigil_agent::{
     collectors::{
         CollectorStatus, error_chain,
@@ -22,14 +16,18 @@ use vigil_agent::{
     selection::ModelServerProcess,
 };
 use vigil_agent_common::histogram::{bucket_index, bucket_upper_bound_ns};
+use vigil_tests::{Workload, kernel_lock, require_bpf};
 
-/// The probes attach to every syscall on the node: run one test at a time.
-static KERNEL: Mutex<()> = Mutex::new(());
+const WORKLOAD: &str = env!("CARGO_BIN_EXE_syscall-workload");
 
-fn kernel_lock() -> MutexGuard<'static, ()> {
-    KERNEL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Identity as the process scan would report it.
+fn identity(workload: &Workload) -> ModelServerProcess {
+    ModelServerProcess {
+        pid: workload.pid(),
+        start_time_ticks: workload.start_time_ticks(),
+        comm: "syscall-workloa".to_string(),
+        server: "test-workload".to_string(),
+    }
 }
 
 /// Starts the collector, or explains why it cannot. Skipping is allowed only outside CI and only
@@ -49,89 +47,9 @@ fn start_collector_with(
     match SyscallLatencyCollector::start(config, preassigned) {
         Ok(collector) => Some(collector),
         Err(error) => {
-            let reason = error_chain(&error);
-            let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
-            if !in_ci && std::env::var("VIGIL_SKIP_BPF_TESTS").is_ok_and(|v| v == "1") {
-                eprintln!("SKIPPED (VIGIL_SKIP_BPF_TESTS=1): {reason}");
-                return None;
-            }
-            panic!("eBPF programs could not be loaded and attached: {reason}");
+            require_bpf(&error_chain(&error));
+            None
         }
-    }
-}
-
-/// A running `syscall-workload`, held at its start line until `go`.
-struct Workload {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Workload {
-    fn spawn(mode: &str, count: usize, millis: u64) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_syscall-workload"))
-            .args([mode, &count.to_string(), &millis.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn syscall-workload");
-        let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-        let workload = Self {
-            child,
-            stdin,
-            stdout,
-        };
-        workload.wait_until_blocked();
-        workload
-    }
-
-    /// Waits until the workload sleeps in its stdin read, so that read began before tracking
-    /// and is not counted (it would be if tracking won the race to its `sys_enter`).
-    fn wait_until_blocked(&self) {
-        for _ in 0..500 {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-            if stat[stat.rfind(')').unwrap() + 2..].starts_with('S') {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        panic!("workload {} never blocked on stdin", self.pid());
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Identity as the process scan would report it (pid + start time from /proc).
-    fn process(&self) -> ModelServerProcess {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-        let start_time_ticks = after_comm.split(' ').nth(19).unwrap().parse().unwrap();
-        ModelServerProcess {
-            pid: self.pid(),
-            start_time_ticks,
-            comm: "syscall-workloa".to_string(),
-            server: "test-workload".to_string(),
-        }
-    }
-
-    /// Lets the workload run and waits until it reports its own per-call latencies.
-    fn run(&mut self) -> Vec<u64> {
-        writeln!(self.stdin.as_mut().unwrap(), "go").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let list = line.trim().strip_prefix("done ").expect("done line");
-        list.split(',').map(|n| n.parse().unwrap()).collect()
-    }
-
-    /// Closes stdin and waits for the process to exit.
-    fn finish(mut self) {
-        drop(self.stdin.take());
-        assert!(self.child.wait().unwrap().success());
     }
 }
 
@@ -177,8 +95,8 @@ fn nanosleep_calls_are_counted_exactly_and_timed_within_one_bucket() {
         return;
     };
     const CALLS: usize = 200;
-    let mut workload = Workload::spawn("nanosleep", CALLS, 2);
-    collector.update_tracked(&[workload.process()]);
+    let mut workload = Workload::spawn(WORKLOAD, "nanosleep", CALLS, 2);
+    collector.update_tracked(&[identity(&workload)]);
     let latencies = workload.run();
     collector.refresh();
     let samples = collector.samples();
@@ -213,8 +131,8 @@ fn pipe_reads_blocked_on_a_slow_writer_are_timed_within_one_bucket() {
         return;
     };
     const READS: usize = 100;
-    let mut workload = Workload::spawn("pipe-read", READS, 3);
-    collector.update_tracked(&[workload.process()]);
+    let mut workload = Workload::spawn(WORKLOAD, "pipe-read", READS, 3);
+    collector.update_tracked(&[identity(&workload)]);
     let latencies = workload.run();
     collector.refresh();
     let samples = collector.samples();
@@ -249,8 +167,8 @@ fn failed_calls_are_counted_as_errors() {
     let Some(mut collector) = start_collector() else {
         return;
     };
-    let mut workload = Workload::spawn("bad-read", 1000, 0);
-    collector.update_tracked(&[workload.process()]);
+    let mut workload = Workload::spawn(WORKLOAD, "bad-read", 1000, 0);
+    collector.update_tracked(&[identity(&workload)]);
     workload.run();
     collector.refresh();
     let samples = collector.samples();
@@ -271,9 +189,9 @@ fn an_untracked_process_produces_no_samples() {
     let Some(mut collector) = start_collector() else {
         return;
     };
-    let mut tracked = Workload::spawn("nanosleep", 20, 1);
-    let mut untracked = Workload::spawn("nanosleep", 20, 1);
-    collector.update_tracked(&[tracked.process()]);
+    let mut tracked = Workload::spawn(WORKLOAD, "nanosleep", 20, 1);
+    let mut untracked = Workload::spawn(WORKLOAD, "nanosleep", 20, 1);
+    collector.update_tracked(&[identity(&tracked)]);
     tracked.run();
     untracked.run();
     collector.refresh();
@@ -295,17 +213,17 @@ fn a_tracked_process_that_exits_is_cleaned_up_and_its_slot_reused() {
     let Some(mut collector) = start_collector() else {
         return;
     };
-    let mut first = Workload::spawn("nanosleep", 10, 1);
+    let mut first = Workload::spawn(WORKLOAD, "nanosleep", 10, 1);
     let first_pid = first.pid();
-    collector.update_tracked(&[first.process()]);
+    collector.update_tracked(&[identity(&first)]);
     let slot = collector.kernel_slot(first_pid);
     assert_ne!(slot, 0);
     first.run();
     first.finish();
 
     // The next scan no longer lists it.
-    let mut second = Workload::spawn("nanosleep", 5, 1);
-    collector.update_tracked(&[second.process()]);
+    let mut second = Workload::spawn(WORKLOAD, "nanosleep", 5, 1);
+    collector.update_tracked(&[identity(&second)]);
     assert_eq!(collector.traced_pids(), vec![second.pid()]);
     assert_eq!(
         collector.kernel_slot(first_pid),
@@ -348,8 +266,8 @@ fn a_reused_pid_with_a_new_start_time_is_a_new_process() {
     let Some(mut collector) = start_collector() else {
         return;
     };
-    let mut workload = Workload::spawn("nanosleep", 10, 1);
-    let mut identity = workload.process();
+    let mut workload = Workload::spawn(WORKLOAD, "nanosleep", 10, 1);
+    let mut identity = identity(&workload);
     collector.update_tracked(std::slice::from_ref(&identity));
     workload.run();
     collector.refresh();
@@ -380,9 +298,9 @@ fn syscalls_without_a_preassigned_histogram_get_one_after_a_pass() {
     let Some(mut collector) = start_collector_with(&config, vec![]) else {
         return;
     };
-    let mut workload = Workload::spawn("nanosleep", 30, 1);
+    let mut workload = Workload::spawn(WORKLOAD, "nanosleep", 30, 1);
     let pid = workload.pid();
-    collector.update_tracked(&[workload.process()]);
+    collector.update_tracked(&[identity(&workload)]);
     workload.run();
     collector.refresh(); // sees nanosleep for the first time and gives it a column
     let samples = collector.samples();
