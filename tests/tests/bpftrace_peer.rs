@@ -124,7 +124,10 @@ fn call_counts_and_total_latency_match_bpftrace() {
     assert_eq!(histogram.count, CALLS as u64);
     let peer_sum = peer_sum_ns.expect("bpftrace's sum") as f64 / 1e9;
     let relative = (histogram.sum - peer_sum).abs() / peer_sum;
-    eprintln!("time in read: ours {} s, bpftrace {} s", histogram.sum, peer_sum);
+    eprintln!(
+        "time in read: ours {} s, bpftrace {} s",
+        histogram.sum, peer_sum
+    );
     assert!(
         relative < 0.01,
         "total time in read: ours {} s, bpftrace {} s ({:.2}% apart)",

@@ -232,10 +232,10 @@ fn tracked_server_name(identity: &ProcessIdentity) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn identity(comm: &str, exe: Option<&str>, cmdline: &[&str]) -> ProcessIdentity {
+    pub(crate) fn identity(comm: &str, exe: Option<&str>, cmdline: &[&str]) -> ProcessIdentity {
         ProcessIdentity {
             comm: comm.to_owned(),
             exe: exe.map(str::to_owned),

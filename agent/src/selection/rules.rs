@@ -313,13 +313,7 @@ fn python_run(args: &[String]) -> Option<PythonRun<'_>> {
 mod tests {
     use super::*;
 
-    fn identity(comm: &str, exe: Option<&str>, cmdline: &[&str]) -> ProcessIdentity {
-        ProcessIdentity {
-            comm: comm.to_owned(),
-            exe: exe.map(str::to_owned),
-            cmdline: cmdline.iter().map(|arg| (*arg).to_owned()).collect(),
-        }
-    }
+    use crate::selection::tests::identity;
 
     #[track_caller]
     fn assert_server(expected: Option<&str>, comm: &str, exe: Option<&str>, cmdline: &[&str]) {
