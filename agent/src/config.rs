@@ -91,6 +91,16 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_config_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml example") + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let config: AgentConfig = toml::from_str(&readme[start..end]).unwrap();
+        config.syscalls.histogram_syscall_numbers().unwrap();
+        crate::selection::ProcessSelector::new(&config.selection, &[]).unwrap();
+    }
+
+    #[test]
     fn a_missing_explicit_file_is_an_error() {
         let err = AgentConfig::load(Some(Path::new("/nonexistent/agent.toml"))).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/agent.toml"));
