@@ -8,8 +8,9 @@ use vigil_agent::{
     collectors::{
         CollectorStatus, error_chain,
         syscalls::{
-            CALLS_METRIC, ERRORS_METRIC, LATENCY_METRIC, SyscallLatencyCollector, SyscallsConfig,
-            attach_empty_programs,
+            CALLS_METRIC, ERRORS_METRIC, LATENCY_METRIC, MEMORY_METRIC, OVER_BUDGET_METRIC,
+            SyscallLatencyCollector, SyscallsConfig, TRACED_METRIC, attach_empty_programs,
+            map_memory_bytes, node_pid_max,
         },
     },
     sample::{Sample, SampleValue},
@@ -193,7 +194,11 @@ fn an_untracked_process_produces_no_samples() {
     collector.refresh();
     let samples = collector.samples();
     let untracked_pid = untracked.pid().to_string();
-    assert!(samples.iter().all(|s| s.labels["pid"] != untracked_pid));
+    assert!(
+        samples
+            .iter()
+            .all(|s| s.labels.get("pid") != Some(&untracked_pid))
+    );
     assert_eq!(collector.kernel_slot(untracked.pid()), 0);
     assert_eq!(
         value(find(&samples, CALLS_METRIC, tracked.pid(), "nanosleep")),
@@ -329,4 +334,45 @@ fn the_empty_floor_programs_pass_the_verifier_and_attach() {
         return;
     }
     attach_empty_programs().unwrap_or_else(|e| panic!("floor programs: {}", error_chain(&e)));
+}
+
+#[test]
+fn processes_over_the_budget_are_counted_and_reported() {
+    let _kernel = kernel_lock();
+    let config = SyscallsConfig {
+        max_tracked_processes: 1,
+        ..Default::default()
+    };
+    let Some(mut collector) =
+        start_collector_with(&config, config.histogram_syscall_numbers().unwrap())
+    else {
+        return;
+    };
+    let first = Workload::spawn(WORKLOAD, "nanosleep", 1, 1);
+    let second = Workload::spawn(WORKLOAD, "nanosleep", 1, 1);
+    collector.update_tracked(&[identity(&first), identity(&second)]);
+    assert_eq!(collector.traced_pids(), vec![first.pid()]);
+    assert_eq!(collector.kernel_slot(second.pid()), 0);
+    let CollectorStatus::Degraded(reason) = collector.status() else {
+        panic!("expected degraded, got {:?}", collector.status());
+    };
+    assert!(
+        reason.contains("1 model-server processes are not traced"),
+        "{reason}"
+    );
+    let samples = collector.samples();
+    let gauge = |name: &str| value(samples.iter().find(|s| s.name == name));
+    assert_eq!(gauge(TRACED_METRIC), 1.0);
+    assert_eq!(gauge(OVER_BUDGET_METRIC), 1.0);
+    assert_eq!(
+        gauge(MEMORY_METRIC),
+        map_memory_bytes(1, node_pid_max()) as f64
+    );
+
+    // When the traced one exits, the waiting one gets the slot on the next scan.
+    first.finish();
+    collector.update_tracked(&[identity(&second)]);
+    assert_eq!(collector.traced_pids(), vec![second.pid()]);
+    assert_eq!(collector.status(), CollectorStatus::Ok);
+    second.finish();
 }

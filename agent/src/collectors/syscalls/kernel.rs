@@ -76,14 +76,35 @@ pub enum ProbeError {
 
 /// Extra words for an error when the likely cause is missing privileges.
 fn privilege_hint() -> String {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        "; vigil-agent is not running as root, and loading raw tracepoints needs root or \
-         CAP_BPF + CAP_PERFMON"
-            .to_string()
-    } else {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let missing = missing_bpf_capabilities(&status);
+    if missing.is_empty() {
         String::new()
+    } else {
+        format!(
+            "; vigil-agent lacks {} (run it as root, or grant CAP_BPF and CAP_PERFMON)",
+            missing.join(" and ")
+        )
     }
+}
+
+/// The capabilities that loading and attaching raw tracepoints needs and the effective set in
+/// `/proc/self/status` lacks (CAP_SYS_ADMIN stands in for both on any kernel).
+fn missing_bpf_capabilities(proc_status: &str) -> Vec<&'static str> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let effective = proc_status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0 || effective & (1 << CAP_SYS_ADMIN) != 0;
+    [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|&(cap, _)| !has(cap))
+        .map(|(_, name)| name)
+        .collect()
 }
 
 /// Lifts RLIMIT_MEMLOCK, which kernels before 5.11 charge BPF maps against.
@@ -351,5 +372,36 @@ impl SyscallProbes {
                 .load(Ordering::Relaxed);
         }
         self.rows.u64_at(offset).load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_capabilities_are_named_from_the_effective_set() {
+        let status = |eff: &str| format!("Name:\tvigil-agent\nCapEff:\t{eff}\nCapBnd:\t0\n");
+        assert_eq!(
+            missing_bpf_capabilities(&status("0000000000000000")),
+            ["CAP_BPF", "CAP_PERFMON"]
+        );
+        assert_eq!(
+            missing_bpf_capabilities(&status("000000c000000000")),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            missing_bpf_capabilities(&status("0000008000000000")),
+            ["CAP_PERFMON"]
+        );
+        // CAP_SYS_ADMIN alone is enough.
+        assert_eq!(
+            missing_bpf_capabilities(&status("0000000000200000")),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            missing_bpf_capabilities(&status("000001ffffffffff")),
+            Vec::<&str>::new()
+        );
     }
 }

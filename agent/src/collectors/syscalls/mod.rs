@@ -29,6 +29,10 @@ use crate::{
 pub const LATENCY_METRIC: &str = "vigil_syscall_latency_seconds";
 pub const CALLS_METRIC: &str = "vigil_syscalls_total";
 pub const ERRORS_METRIC: &str = "vigil_syscall_errors_total";
+/// The collector's own state, so operators can see the budget and the kernel memory it takes.
+pub const TRACED_METRIC: &str = "vigil_syscall_traced_processes";
+pub const OVER_BUDGET_METRIC: &str = "vigil_syscall_untraced_processes";
+pub const MEMORY_METRIC: &str = "vigil_syscall_probe_memory_bytes";
 
 /// `[syscalls]` in the agent config.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -38,7 +42,7 @@ pub struct SyscallsConfig {
     pub enabled: bool,
     /// Most processes traced at once (default 256). Kernel memory grows by ~71 KiB per process
     /// (see docs/syscall-latency.md); processes over the budget are not traced, and the
-    /// collector reports how many.
+    /// collector reports how many (`vigil_syscall_untraced_processes`).
     pub max_tracked_processes: u32,
     /// Syscalls with their own latency histogram from a process's first call (default: I/O,
     /// waiting, GPU ioctl). Others get one once seen, while a process has columns left (31).
@@ -384,9 +388,20 @@ impl SyscallLatencyCollector {
         Ok(())
     }
 
-    /// Samples for every traced process and every retired one not yet forgotten.
+    /// Samples for every traced process and every retired one not yet forgotten, and the
+    /// collector's own gauges.
     pub fn samples(&self) -> Vec<Sample> {
-        let mut out = Vec::new();
+        let gauge = |name, value: usize| Sample {
+            name,
+            labels: Labels::new(),
+            value: SampleValue::Value(value as f64),
+        };
+        let memory = map_memory_bytes(self.probes.slots(), self.probes.pid_max());
+        let mut out = vec![
+            gauge(TRACED_METRIC, self.traced.len()),
+            gauge(OVER_BUDGET_METRIC, self.over_budget),
+            gauge(MEMORY_METRIC, memory as usize),
+        ];
         for traced in self.traced.values().chain(self.retired.iter()) {
             traced.samples(&mut out);
         }
@@ -456,5 +471,8 @@ mod tests {
             bytes,
             256 * (512 * 16 + 512 + 32 * 2000) + 32768 / 4 * 8 + 32768 * 8
         );
+        // systemd raises pid_max to 2^22 on 64-bit hosts: the per-thread start times then
+        // dominate (see docs/syscall-latency.md).
+        assert_eq!(map_memory_bytes(256, 4_194_304) >> 20, 57);
     }
 }
