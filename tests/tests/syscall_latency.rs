@@ -240,7 +240,7 @@ fn a_tracked_process_that_exits_is_cleaned_up_and_its_slot_reused() {
     assert!(
         events
             .iter()
-            .any(|e| e.kind == "process_untraced" && e.labels["pid"] == first_pid.to_string())
+            .any(|e| e.kind == "process_exited" && e.labels["pid"] == first_pid.to_string())
     );
 
     second.run();
@@ -284,6 +284,12 @@ fn a_reused_pid_with_a_new_start_time_is_a_new_process() {
         .collect();
     // The retired process keeps its 10 calls; the new one starts from nothing.
     assert_eq!(current, vec![SampleValue::Value(10.0)]);
+    // The real process (its true start time) still runs: untraced, not exited.
+    let events = collector.take_events();
+    assert!(
+        events.iter().any(|e| e.kind == "process_untraced"),
+        "{events:?}"
+    );
     assert_eq!(collector.traced_pids(), vec![workload.pid()]);
     workload.finish();
 }

@@ -317,12 +317,18 @@ impl SyscallLatencyCollector {
         } else {
             self.free_slots.insert(traced.slot);
         }
+        let process = &traced.process;
+        let (kind, why) = if still_running(process) {
+            ("process_untraced", "no longer selected as a model server")
+        } else {
+            ("process_exited", "exited")
+        };
         self.events.push(Event::now(
-            "process_untraced",
-            process_labels(&traced.process),
+            kind,
+            process_labels(process),
             format!(
-                "stopped tracing syscalls of {} (pid {}): exited or no longer a model server",
-                traced.process.comm, traced.process.pid
+                "stopped tracing syscalls of {} (pid {}, server {}): {why}",
+                process.comm, process.pid, process.server
             ),
         ));
         self.retired.push(traced);
@@ -416,6 +422,13 @@ impl SyscallLatencyCollector {
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
     }
+}
+
+/// Whether the process still runs (same pid and start time), as opposed to having exited.
+fn still_running(process: &ModelServerProcess) -> bool {
+    procfs::process::Process::new(process.pid as i32)
+        .and_then(|p| p.stat())
+        .is_ok_and(|stat| stat.starttime == process.start_time_ticks)
 }
 
 fn process_labels(process: &ModelServerProcess) -> Labels {
