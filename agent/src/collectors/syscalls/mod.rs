@@ -182,6 +182,7 @@ pub struct SyscallLatencyCollector {
     free_slots: BTreeSet<u16>,
     over_budget: usize,
     events: Vec<Event>,
+    /// What went wrong in the latest pass (a map update the kernel refused).
     last_error: Option<String>,
 }
 
@@ -237,7 +238,10 @@ impl SyscallLatencyCollector {
     /// Makes the traced set equal to `processes`: new ones get a zeroed slot; processes that
     /// exited, no longer match, or whose pid now belongs to another process (start time
     /// differs) get a final read and free their slot for reuse.
+    ///
+    /// Each collection pass starts here, so the status reflects the latest pass.
     pub fn update_tracked(&mut self, processes: &[ModelServerProcess]) {
+        self.last_error = None;
         let wanted: BTreeMap<u32, &ModelServerProcess> =
             processes.iter().map(|p| (p.pid, p)).collect();
         let stale: Vec<u32> = self
