@@ -9,10 +9,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    collectors::{
-        CollectorStatus, error_chain,
-        syscalls::{SyscallLatencyCollector, SyscallsConfigError},
-    },
+    collectors::{CollectorConfigError, CollectorStatus, start_collectors},
     config::AgentConfig,
     sample::{Event, Sample},
     selection::{ProcessSelector, SelectionError},
@@ -37,7 +34,7 @@ pub enum SnapshotError {
     #[error(transparent)]
     Selection(#[from] SelectionError),
     #[error(transparent)]
-    SyscallsConfig(#[from] SyscallsConfigError),
+    CollectorConfig(#[from] CollectorConfigError),
 }
 
 /// This node's name (the kernel hostname).
@@ -53,33 +50,13 @@ pub fn take_snapshot(
     duration: Duration,
 ) -> Result<SnapshotDocument, SnapshotError> {
     let selector = ProcessSelector::new(&config.selection, track)?;
-    let histogram_syscalls = config.syscalls.histogram_syscall_numbers()?;
-
-    let mut collectors = BTreeMap::new();
-    let mut syscalls = None;
-    if !config.syscalls.enabled {
-        collectors.insert(
-            "syscalls",
-            CollectorStatus::Unavailable(
-                "disabled in the config (syscalls.enabled = false)".into(),
-            ),
-        );
-    } else {
-        match SyscallLatencyCollector::start(&config.syscalls, histogram_syscalls) {
-            Ok(collector) => syscalls = Some(collector),
-            Err(error) => {
-                let reason = format!("{}; syscall latency is not collected", error_chain(&error));
-                tracing::warn!("syscalls collector unavailable: {reason}");
-                collectors.insert("syscalls", CollectorStatus::Unavailable(reason));
-            }
-        }
-    }
+    let mut collectors = start_collectors(config)?;
 
     let deadline = Instant::now() + duration;
     loop {
-        if let Some(collector) = syscalls.as_mut() {
-            collector.update_tracked(&selector.scan());
-            collector.refresh();
+        let model_servers = selector.scan();
+        for collector in collectors.iter_mut() {
+            collector.collect(&model_servers);
         }
         let now = Instant::now();
         if now >= deadline {
@@ -88,16 +65,17 @@ pub fn take_snapshot(
         std::thread::sleep(PASS_INTERVAL.min(deadline - now));
     }
 
+    let mut statuses = BTreeMap::new();
     let mut samples = Vec::new();
     let mut events = Vec::new();
-    if let Some(mut collector) = syscalls {
-        collectors.insert("syscalls", collector.status());
+    for collector in collectors.iter_mut() {
+        statuses.insert(collector.name(), collector.status());
         samples.extend(collector.samples());
         events.extend(collector.take_events());
     }
     Ok(SnapshotDocument {
         node: node_name(),
-        collectors,
+        collectors: statuses,
         samples,
         events,
     })

@@ -7,6 +7,64 @@ pub mod syscalls;
 
 use serde::Serialize;
 
+use crate::{
+    config::AgentConfig,
+    sample::{Event, Sample},
+    selection::ModelServerProcess,
+};
+
+/// What every collector does once per collection pass. The snapshot (and later the daemon)
+/// drives a list of these, so a collector that cannot run never stops the others.
+pub trait Collector {
+    /// Its name under `collectors` in a snapshot (`syscalls`, `gpu`, ...).
+    fn name(&self) -> &'static str;
+    /// One collection pass; `model_servers` are the processes selected for this pass.
+    fn collect(&mut self, model_servers: &[ModelServerProcess]);
+    /// Current samples: running totals of counters and histograms, latest gauge values.
+    fn samples(&self) -> Vec<Sample>;
+    /// Events since the last call.
+    fn take_events(&mut self) -> Vec<Event>;
+    fn status(&self) -> CollectorStatus;
+}
+
+/// Stands in for a collector that is disabled or could not start, and says why on every pass.
+pub struct UnavailableCollector {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+impl Collector for UnavailableCollector {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn collect(&mut self, _model_servers: &[ModelServerProcess]) {}
+    fn samples(&self) -> Vec<Sample> {
+        Vec::new()
+    }
+    fn take_events(&mut self) -> Vec<Event> {
+        Vec::new()
+    }
+    fn status(&self) -> CollectorStatus {
+        CollectorStatus::Unavailable(self.reason.clone())
+    }
+}
+
+/// A config that no collector can run with (as opposed to a collector that cannot run here,
+/// which is reported in its status).
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorConfigError {
+    #[error(transparent)]
+    Syscalls(#[from] syscalls::SyscallsConfigError),
+}
+
+/// Starts every collector, in a fixed order. Adding a collector touches only this function.
+pub fn start_collectors(
+    config: &AgentConfig,
+) -> Result<Vec<Box<dyn Collector>>, CollectorConfigError> {
+    let syscalls = syscalls::start(&config.syscalls)?;
+    Ok(vec![syscalls])
+}
+
 /// Whether a collector is producing data, as printed under `collectors` in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "status", content = "reason", rename_all = "lowercase")]

@@ -21,10 +21,13 @@ pub use kernel::{
 };
 
 use crate::{
-    collectors::CollectorStatus,
+    collectors::{Collector, CollectorStatus, UnavailableCollector, error_chain},
     sample::{Event, Labels, LatencyHistogram, Sample, SampleValue},
     selection::ModelServerProcess,
 };
+
+/// The collector's name in snapshots.
+pub const NAME: &str = "syscalls";
 
 pub const LATENCY_METRIC: &str = "vigil_syscall_latency_seconds";
 pub const CALLS_METRIC: &str = "vigil_syscalls_total";
@@ -99,6 +102,28 @@ impl SyscallsConfig {
         }
         Ok(numbers)
     }
+}
+
+/// The `syscalls` collector for this config: the real one, or one that says why it is not
+/// running (disabled, no privileges, a kernel that refuses the programs).
+pub fn start(config: &SyscallsConfig) -> Result<Box<dyn Collector>, SyscallsConfigError> {
+    let histogram_syscalls = config.histogram_syscall_numbers()?;
+    let unavailable = |reason: String| Box::new(UnavailableCollector { name: NAME, reason });
+    if !config.enabled {
+        return Ok(unavailable(
+            "disabled in the config (syscalls.enabled = false)".into(),
+        ));
+    }
+    Ok(
+        match SyscallLatencyCollector::start(config, histogram_syscalls) {
+            Ok(collector) => Box::new(collector),
+            Err(error) => {
+                let reason = format!("{}; syscall latency is not collected", error_chain(&error));
+                tracing::warn!("syscalls collector unavailable: {reason}");
+                unavailable(reason)
+            }
+        },
+    )
 }
 
 /// A traced process: its kernel slot and the running totals read from it.
@@ -268,7 +293,7 @@ impl SyscallLatencyCollector {
             };
             if let Err(error) = self.assign(slot, process) {
                 self.free_slots.insert(slot);
-                self.last_error = Some(crate::collectors::error_chain(&error));
+                self.last_error = Some(error_chain(&error));
             }
         }
     }
@@ -317,7 +342,7 @@ impl SyscallLatencyCollector {
         Self::read_slot(&mut self.probes, &mut traced);
         if let Err(error) = self.probes.set_process_slot(pid, 0) {
             // Leave the slot out of the free set: the kernel may still count into it.
-            self.last_error = Some(crate::collectors::error_chain(&error));
+            self.last_error = Some(error_chain(&error));
         } else {
             self.free_slots.insert(traced.slot);
         }
@@ -345,7 +370,7 @@ impl SyscallLatencyCollector {
         for traced in self.traced.values_mut() {
             Self::read_slot(&mut self.probes, traced);
             if let Err(error) = Self::assign_new_columns(&mut self.probes, traced) {
-                self.last_error = Some(crate::collectors::error_chain(&error));
+                self.last_error = Some(error_chain(&error));
             }
         }
     }
@@ -433,6 +458,29 @@ fn still_running(process: &ModelServerProcess) -> bool {
     procfs::process::Process::new(process.pid as i32)
         .and_then(|p| p.stat())
         .is_ok_and(|stat| stat.starttime == process.start_time_ticks)
+}
+
+impl Collector for SyscallLatencyCollector {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn collect(&mut self, model_servers: &[ModelServerProcess]) {
+        self.update_tracked(model_servers);
+        self.refresh();
+    }
+
+    fn samples(&self) -> Vec<Sample> {
+        SyscallLatencyCollector::samples(self)
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        SyscallLatencyCollector::take_events(self)
+    }
+
+    fn status(&self) -> CollectorStatus {
+        SyscallLatencyCollector::status(self)
+    }
 }
 
 fn process_labels(process: &ModelServerProcess) -> Labels {
