@@ -4,6 +4,7 @@
 //! Data flow: `selection` picks the model-server processes, `collectors/*` turn what the node
 //! exposes into `sample`s and events, and `snapshot` prints them once.
 
+pub mod attribution;
 pub mod collectors;
 pub mod config;
 pub mod sample;

@@ -12,7 +12,7 @@ use crate::{
     collectors::{CollectorConfigError, CollectorStatus, start_collectors},
     config::AgentConfig,
     sample::{Event, Sample},
-    selection::{ProcessSelector, SelectionError},
+    selection::{PassSelection, ProcessSelector, SelectionError},
 };
 
 /// Collection passes happen at least this often: kernel histogram counters are 32-bit, and new
@@ -54,9 +54,12 @@ pub fn take_snapshot(
 
     let deadline = Instant::now() + duration;
     loop {
-        let model_servers = selector.scan();
+        let selection = PassSelection {
+            tracked: selector.scan(),
+            folded: Vec::new(),
+        };
         for collector in collectors.iter_mut() {
-            collector.collect(&model_servers);
+            collector.collect(&selection);
         }
         let now = Instant::now();
         if now >= deadline {

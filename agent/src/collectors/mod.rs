@@ -3,6 +3,8 @@
 //! Each collector lives in its own folder and reports its own status, so one that cannot run
 //! (no BPF, no GPU driver) says why and the others carry on.
 
+pub mod host;
+pub mod process;
 pub mod syscalls;
 
 use serde::Serialize;
@@ -10,7 +12,7 @@ use serde::Serialize;
 use crate::{
     config::AgentConfig,
     sample::{Event, Sample},
-    selection::ModelServerProcess,
+    selection::PassSelection,
 };
 
 /// What every collector does once per collection pass. The snapshot (and later the daemon)
@@ -18,8 +20,8 @@ use crate::{
 pub trait Collector {
     /// Its name under `collectors` in a snapshot (`syscalls`, `gpu`, ...).
     fn name(&self) -> &'static str;
-    /// One collection pass; `model_servers` are the processes selected for this pass.
-    fn collect(&mut self, model_servers: &[ModelServerProcess]);
+    /// One collection pass over the model servers selected for it.
+    fn collect(&mut self, selection: &PassSelection);
     /// Current samples: running totals of counters and histograms, latest gauge values.
     fn samples(&self) -> Vec<Sample>;
     /// Events since the last call.
@@ -37,7 +39,7 @@ impl Collector for UnavailableCollector {
     fn name(&self) -> &'static str {
         self.name
     }
-    fn collect(&mut self, _model_servers: &[ModelServerProcess]) {}
+    fn collect(&mut self, _selection: &PassSelection) {}
     fn samples(&self) -> Vec<Sample> {
         Vec::new()
     }

@@ -103,6 +103,15 @@ pub struct ProcessIdentity {
 }
 
 /// A process selected as a model server.
+/// The model servers of one collection pass, after the cardinality budget: `tracked` processes
+/// get series of their own; `folded` ones (over the budget) count only towards
+/// `server="other"` aggregates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassSelection {
+    pub tracked: Vec<ModelServerProcess>,
+    pub folded: Vec<ModelServerProcess>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelServerProcess {
     pub pid: u32,

@@ -23,7 +23,7 @@ pub use kernel::{
 use crate::{
     collectors::{Collector, CollectorStatus, UnavailableCollector, error_chain},
     sample::{Event, Labels, LatencyHistogram, Sample, SampleValue},
-    selection::ModelServerProcess,
+    selection::{ModelServerProcess, PassSelection},
 };
 
 /// The collector's name in snapshots.
@@ -465,8 +465,9 @@ impl Collector for SyscallLatencyCollector {
         NAME
     }
 
-    fn collect(&mut self, model_servers: &[ModelServerProcess]) {
-        self.update_tracked(model_servers);
+    fn collect(&mut self, selection: &PassSelection) {
+        // Processes folded by the budget are not traced: they get no kernel slot.
+        self.update_tracked(&selection.tracked);
         self.refresh();
     }
 

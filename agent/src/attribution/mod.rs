@@ -1,0 +1,1 @@
+//! Container and Kubernetes pod attribution of processes (work in progress).

@@ -1,0 +1,1 @@
+//! `host` collector: node-wide stats from /proc and /sys (work in progress).

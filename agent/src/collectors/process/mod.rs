@@ -1,0 +1,1 @@
+//! `process` collector: per model-server process stats from /proc (work in progress).
