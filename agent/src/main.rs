@@ -15,6 +15,7 @@ use vigil_agent::{
         syscalls::{SyscallLatencyCollector, SyscallsConfig, attach_empty_programs},
     },
     config::AgentConfig,
+    pass::CollectionPass,
     selection::ModelServerProcess,
     snapshot::take_snapshot,
 };
@@ -46,6 +47,22 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
+    },
+    /// Time collection passes for `cargo xtask bench collect`: prints one JSON document with
+    /// each pass's CPU time per part and the agent's memory.
+    #[command(hide = true)]
+    CollectBench {
+        #[arg(long, value_name = "REGEX")]
+        track: Vec<String>,
+        /// Collectors to run, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        collectors: Vec<String>,
+        #[arg(long, default_value_t = 10)]
+        passes: u32,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: Duration,
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Attach the probes for the overhead benchmark (`cargo xtask bench syscall-overhead`):
     /// prints `ready` once attached and detaches when stdin closes.
@@ -92,6 +109,13 @@ fn main() -> ExitCode {
             format: Format::Json,
         } => snapshot(config, &track, duration),
         Command::OverheadProbe { mode, pid } => overhead_probe(mode, pid),
+        Command::CollectBench {
+            track,
+            collectors,
+            passes,
+            interval,
+            config,
+        } => collect_bench(config, &track, &collectors, passes, interval),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -108,6 +132,60 @@ fn snapshot(config: Option<PathBuf>, track: &[String], duration: Duration) -> Re
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut stdout, &document).map_err(|e| e.to_string())?;
     writeln!(stdout).map_err(|e| e.to_string())
+}
+
+fn collect_bench(
+    config: Option<PathBuf>,
+    track: &[String],
+    collectors: &[String],
+    passes: u32,
+    interval: Duration,
+) -> Result<(), String> {
+    let config = AgentConfig::load(config.as_deref()).map_err(|e| error_chain(&e))?;
+    let mut pass = CollectionPass::new(&config, track).map_err(|e| error_chain(&e))?;
+    if !collectors.is_empty() {
+        pass.retain_collectors(collectors);
+    }
+    let mut report = Vec::new();
+    for index in 0..passes {
+        if index > 0 {
+            std::thread::sleep(interval);
+        }
+        let cost = pass.run();
+        let parts: serde_json::Map<String, serde_json::Value> = cost
+            .collectors
+            .iter()
+            .map(|(name, d)| (name.to_string(), (d.as_nanos() as u64).into()))
+            .collect();
+        report.push(serde_json::json!({
+            "tracked": cost.tracked,
+            "folded": cost.folded,
+            "selection_ns": cost.selection.as_nanos() as u64,
+            "collectors_ns": parts,
+            "total_ns": cost.total().as_nanos() as u64,
+        }));
+    }
+    let statuses: serde_json::Map<String, serde_json::Value> = pass
+        .collectors()
+        .iter()
+        .map(|c| (c.name().to_string(), serde_json::json!(c.status())))
+        .collect();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .map(|k| k * 1024)
+    };
+    let document = serde_json::json!({
+        "passes": report,
+        "collectors": statuses,
+        "rss_bytes": kib("VmRSS:"),
+        "peak_rss_bytes": kib("VmHWM:"),
+    });
+    println!("{document}");
+    Ok(())
 }
 
 /// The identity of a running process, for tracing it by pid.

@@ -9,10 +9,10 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    collectors::{CollectorConfigError, CollectorStatus, start_collectors},
+    collectors::CollectorStatus,
     config::AgentConfig,
+    pass::{CollectionPass, PassSetupError},
     sample::{Event, Sample},
-    selection::{PassSelection, ProcessSelector, SelectionError},
 };
 
 /// Collection passes happen at least this often: kernel histogram counters are 32-bit, and new
@@ -27,16 +27,6 @@ pub struct SnapshotDocument {
     pub events: Vec<Event>,
 }
 
-/// Input the snapshot cannot run with (as opposed to a collector that cannot run, which is
-/// reported in the document).
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error(transparent)]
-    Selection(#[from] SelectionError),
-    #[error(transparent)]
-    CollectorConfig(#[from] CollectorConfigError),
-}
-
 /// This node's name (the kernel hostname).
 pub fn node_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -48,19 +38,11 @@ pub fn take_snapshot(
     config: &AgentConfig,
     track: &[String],
     duration: Duration,
-) -> Result<SnapshotDocument, SnapshotError> {
-    let selector = ProcessSelector::new(&config.selection, track)?;
-    let mut collectors = start_collectors(config)?;
-
+) -> Result<SnapshotDocument, PassSetupError> {
+    let mut pass = CollectionPass::new(config, track)?;
     let deadline = Instant::now() + duration;
     loop {
-        let selection = PassSelection {
-            tracked: selector.scan(),
-            folded: Vec::new(),
-        };
-        for collector in collectors.iter_mut() {
-            collector.collect(&selection);
-        }
+        pass.run();
         let now = Instant::now();
         if now >= deadline {
             break;
@@ -71,7 +53,7 @@ pub fn take_snapshot(
     let mut statuses = BTreeMap::new();
     let mut samples = Vec::new();
     let mut events = Vec::new();
-    for collector in collectors.iter_mut() {
+    for collector in pass.collectors_mut() {
         statuses.insert(collector.name(), collector.status());
         samples.extend(collector.samples());
         events.extend(collector.take_events());

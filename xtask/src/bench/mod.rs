@@ -1,5 +1,6 @@
 //! `cargo xtask bench NAME`: benchmarks that need the release build and a real kernel.
 
+mod collect;
 mod probe_process;
 mod syscall_overhead;
 
@@ -18,17 +19,24 @@ pub struct BenchArgs {
     /// syscall-overhead: rounds; each round measures every setup once, in a rotated order.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// collect: collection passes, 1 s apart.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
+    passes: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BenchName {
     /// ns per getppid syscall with no probe, empty programs, Vigil's programs and bpftrace.
     SyscallOverhead,
+    /// CPU time of a process + host collection pass with 300 processes (64 tracked), and the
+    /// agent's memory.
+    Collect,
 }
 
 pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
     match args.name {
         BenchName::SyscallOverhead => syscall_overhead::run(ws, args.calls, args.rounds),
+        BenchName::Collect => collect::run(ws, args.passes),
     }
 }
 
