@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::{collectors::syscalls::SyscallsConfig, selection::SelectionConfig};
+use crate::{
+    attribution::AttributionConfig,
+    collectors::{host::HostConfig, process::ProcessConfig, syscalls::SyscallsConfig},
+    selection::SelectionConfig,
+};
 
 /// Where `vigil-agent` looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vigil/agent.toml";
@@ -17,6 +21,12 @@ pub struct AgentConfig {
     pub selection: SelectionConfig,
     /// Kernel syscall latency (`[syscalls]`).
     pub syscalls: SyscallsConfig,
+    /// Per model-server process stats from /proc (`[process]`).
+    pub process: ProcessConfig,
+    /// Node-wide stats: CPU, memory, network, disks, filesystems, pressure (`[host]`).
+    pub host: HostConfig,
+    /// Container and Kubernetes pod labels for model-server processes (`[attribution]`).
+    pub attribution: AttributionConfig,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,12 +1,13 @@
 //! One collection pass: select this pass's model servers, then run every collector over them.
 //! The snapshot runs passes for a while; `collect-bench` times them.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use crate::{
+    attribution::AttributionConfigError,
     collectors::{Collector, CollectorConfigError, start_collectors},
     config::AgentConfig,
-    selection::{PassSelection, ProcessSelector, SelectionError},
+    selection::{ProcessSelector, SelectionError, budget::ProcessBudget},
 };
 
 /// Input no pass can run with (as opposed to a collector that cannot run, which is reported in
@@ -17,6 +18,8 @@ pub enum PassSetupError {
     Selection(#[from] SelectionError),
     #[error(transparent)]
     CollectorConfig(#[from] CollectorConfigError),
+    #[error(transparent)]
+    Attribution(#[from] AttributionConfigError),
 }
 
 /// CPU time (of the thread running the pass) spent in each part of one pass.
@@ -37,14 +40,17 @@ impl PassCost {
 
 pub struct CollectionPass {
     selector: ProcessSelector,
+    budget: ProcessBudget,
     collectors: Vec<Box<dyn Collector>>,
 }
 
 impl CollectionPass {
     /// Builds the selection from the config and `--track` patterns and starts every collector.
     pub fn new(config: &AgentConfig, track: &[String]) -> Result<Self, PassSetupError> {
+        config.attribution.validate()?;
         Ok(Self {
             selector: ProcessSelector::new(&config.selection, track)?,
+            budget: ProcessBudget::new(&config.selection),
             collectors: start_collectors(config)?,
         })
     }
@@ -66,10 +72,8 @@ impl CollectionPass {
     /// Runs one pass and returns what each part cost in CPU time.
     pub fn run(&mut self) -> PassCost {
         let started = thread_cpu_time();
-        let selection = PassSelection {
-            tracked: self.selector.scan(),
-            folded: Vec::new(),
-        };
+        // GPU use joins the CPU ranking once the gpu collector reports per-process use.
+        let selection = self.budget.apply(self.selector.scan(), &HashMap::new());
         let mut cost = PassCost {
             tracked: selection.tracked.len(),
             folded: selection.folded.len(),

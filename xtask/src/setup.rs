@@ -9,7 +9,8 @@
 //! - rustup's nightly with the `rust-src` component, plus `cargo install bpf-linker`.
 //!
 //! The tests and the benchmark also need `bpftrace` (a peer to compare with) and tracefs mounted
-//! (bpftrace's tracepoints), and the build needs `protoc`.
+//! (bpftrace's tracepoints), the host collector's test needs `prometheus-node-exporter` (its
+//! peer), and the build needs `protoc`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +29,8 @@ const LLVM_DEV_PACKAGE: &str = "llvm-22-dev";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const TRACEFS: &str = "/sys/kernel/tracing";
+/// Where Debian's prometheus-node-exporter installs node_exporter.
+const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
 
 /// The toolchain that builds the eBPF crate, as found (or installed) by [`ensure`].
 pub struct EbpfToolchain {
@@ -113,6 +116,11 @@ const PEERS: &[Component] = &[
         name: "protoc",
         check: check_protoc,
         provider: Provider::Apt("protobuf-compiler"),
+    },
+    Component {
+        name: "node_exporter",
+        check: check_node_exporter,
+        provider: Provider::Apt("prometheus-node-exporter"),
     },
 ];
 
@@ -506,6 +514,16 @@ fn check_protoc() -> Result<String, String> {
     let path = shell::find_in_path("protoc").ok_or("protoc not found on PATH")?;
     let version = shell::stdout_of(&path, &["--version"]).unwrap_or_default();
     Ok(format!("{} ({version})", path.display()))
+}
+
+/// The host collector's peer test starts its own instance of Debian's node_exporter.
+fn check_node_exporter() -> Result<String, String> {
+    if !shell::is_executable(Path::new(NODE_EXPORTER)) {
+        return Err(format!("{NODE_EXPORTER} not found"));
+    }
+    let version = shell::stdout_of(NODE_EXPORTER, &["--version"]).unwrap_or_default();
+    let first_line = version.lines().next().unwrap_or_default().to_string();
+    Ok(format!("{NODE_EXPORTER} ({first_line})"))
 }
 
 fn dpkg_installed(package: &str) -> bool {

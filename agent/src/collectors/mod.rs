@@ -3,6 +3,7 @@
 //! Each collector lives in its own folder and reports its own status, so one that cannot run
 //! (no BPF, no GPU driver) says why and the others carry on.
 
+pub mod gpu;
 pub mod host;
 pub mod process;
 pub mod syscalls;
@@ -64,7 +65,9 @@ pub fn start_collectors(
     config: &AgentConfig,
 ) -> Result<Vec<Box<dyn Collector>>, CollectorConfigError> {
     let syscalls = syscalls::start(&config.syscalls)?;
-    Ok(vec![syscalls])
+    let host = host::start(&config.host);
+    let process = process::start(&config.process, &config.attribution);
+    Ok(vec![syscalls, process, host])
 }
 
 /// Whether a collector is producing data, as printed under `collectors` in a snapshot.

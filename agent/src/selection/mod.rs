@@ -24,6 +24,7 @@
 //! Kernel threads, zombies and the agent itself are never selected: a `--track`
 //! pattern usually appears verbatim in the agent's own cmdline.
 
+pub mod budget;
 mod proc_scan;
 mod rules;
 
@@ -55,6 +56,11 @@ pub struct SelectionConfig {
     pub builtin_rules: bool,
     /// Extra rules, checked before the built-in ones.
     pub rules: Vec<RuleConfig>,
+    /// Most model-server processes that get series of their own (default 64). Over this,
+    /// the busiest (recent CPU plus GPU use, see [`budget::ProcessBudget`]) are kept and the
+    /// rest are summed into `server="other"` series, so a node with hundreds of workers
+    /// cannot flood the store. 0 folds every process.
+    pub max_tracked_processes: usize,
 }
 
 impl Default for SelectionConfig {
@@ -62,6 +68,7 @@ impl Default for SelectionConfig {
         Self {
             builtin_rules: true,
             rules: Vec::new(),
+            max_tracked_processes: 64,
         }
     }
 }
@@ -263,6 +270,7 @@ pub(crate) mod tests {
         let config = SelectionConfig {
             builtin_rules,
             rules,
+            ..SelectionConfig::default()
         };
         let track: Vec<String> = track.iter().map(|t| (*t).to_owned()).collect();
         ProcessSelector::new(&config, &track).expect("valid selection config")
@@ -393,6 +401,7 @@ pub(crate) mod tests {
         let config = SelectionConfig {
             builtin_rules: true,
             rules: vec![rule("ok", "fine"), rule("my-ranker", "ranker(")],
+            ..SelectionConfig::default()
         };
         let error = ProcessSelector::new(&config, &[]).unwrap_err();
         assert!(
@@ -431,6 +440,7 @@ pub(crate) mod tests {
         let config = SelectionConfig {
             builtin_rules: true,
             rules: vec![rule("", "ranker")],
+            ..SelectionConfig::default()
         };
         let error = ProcessSelector::new(&config, &[]).unwrap_err();
         assert_eq!(
@@ -452,6 +462,7 @@ pub(crate) mod tests {
             r#"
             [selection]
             builtin_rules = false
+            max_tracked_processes = 16
 
             [[selection.rules]]
             server = "my-ranker"
@@ -471,6 +482,7 @@ pub(crate) mod tests {
                     rule("my-ranker", "ranker_main"),
                     rule("embedder", "^embed-")
                 ],
+                max_tracked_processes: 16,
             }
         );
     }
@@ -484,6 +496,7 @@ pub(crate) mod tests {
             SelectionConfig {
                 builtin_rules: true,
                 rules: vec![],
+                max_tracked_processes: 64,
             }
         );
         let rules_only: AgentConfig = toml::from_str(
@@ -499,7 +512,7 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            error.contains("unknown field `builtin_rule`, expected `builtin_rules` or `rules`"),
+            error.contains("unknown field `builtin_rule`, expected one of `builtin_rules`, `rules`, `max_tracked_processes`"),
             "{error}"
         );
     }

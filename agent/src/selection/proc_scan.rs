@@ -230,6 +230,7 @@ mod tests {
                     pattern: (*pattern).to_owned(),
                 })
                 .collect(),
+            ..SelectionConfig::default()
         };
         let track: Vec<String> = track.iter().map(|t| (*t).to_owned()).collect();
         ProcessSelector::new(&config, &track).unwrap()

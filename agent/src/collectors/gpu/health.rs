@@ -1,0 +1,361 @@
+//! GPU health events as they happen: XID critical errors, single- and double-bit ECC errors,
+//! and devices falling off the bus, from an NVML event set waited on by a thread of its own.
+//!
+//! Each event is queued for the collector's `take_events` the moment NVML reports it, and
+//! bumps a counter (`vigil_gpu_xid_errors_total{xid}`, `vigil_gpu_ecc_error_events_total{type}`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use nvml_wrapper::{
+    Nvml, bitmasks::event::EventTypes, enums::event::XidError, error::NvmlError, event::EventSet,
+};
+
+use super::{ECC_ERROR_EVENTS_METRIC, XID_ERRORS_METRIC, device::DeviceState, value_sample};
+use crate::sample::{Event, Labels, Sample};
+
+/// How long one wait for events lasts; bounds how long stopping the thread takes, not how
+/// late an event is (a wait returns as soon as one arrives).
+const WAIT_MS: u32 = 200;
+
+/// What the common XIDs mean, in a few words (NVIDIA's XID catalog has the rest).
+pub fn xid_meaning(xid: u64) -> Option<&'static str> {
+    Some(match xid {
+        13 => "graphics engine exception (often an application fault, e.g. an illegal access)",
+        31 => "GPU memory page fault (usually an application's illegal address)",
+        43 => "GPU stopped processing (a channel was reset after an application fault)",
+        45 => "preemptive cleanup after earlier errors (a process was killed or ended)",
+        48 => "double-bit ECC error (uncorrectable memory error)",
+        63 => "ECC page retirement or row remapping recorded",
+        64 => "ECC page retirement or row remapping failed",
+        74 => "NVLink error",
+        79 => "GPU has fallen off the bus",
+        92 => "high single-bit ECC error rate",
+        94 => "contained ECC error (the affected application must restart)",
+        95 => "uncontained ECC error (all applications on the GPU are affected; reset the GPU)",
+        _ => return None,
+    })
+}
+
+/// What the event thread found, shared with the collector.
+#[derive(Default)]
+pub(super) struct HealthState {
+    /// Events not yet taken.
+    pub events: Vec<Event>,
+    /// Devices that fell off the bus.
+    pub lost: BTreeSet<u32>,
+    /// Why events are not (all) watched, if they are not.
+    pub error: Option<String>,
+    /// (gpu, xid) -> count.
+    xid_errors: BTreeMap<(u32, u64), u64>,
+    /// (gpu, "single_bit" | "double_bit") -> count.
+    ecc_events: BTreeMap<(u32, &'static str), u64>,
+    /// Device labels by index, for the events.
+    labels: BTreeMap<u32, (Labels, String)>,
+}
+
+impl HealthState {
+    /// Records a device falling off the bus (once), however it was noticed.
+    pub fn device_lost(&mut self, index: u32, labels: Labels, noticed_by: &str) {
+        if !self.lost.insert(index) {
+            return;
+        }
+        let uuid = labels.get("uuid").cloned().unwrap_or_default();
+        self.events.push(Event::now(
+            "gpu_lost",
+            labels,
+            format!(
+                "gpu {index} ({uuid}) fell off the bus: NVML answers \"GPU is lost\" \
+                 (noticed by {noticed_by}); reload the driver or reboot the node"
+            ),
+        ));
+    }
+
+    fn xid(&mut self, index: u32, xid: Option<u64>) {
+        let (mut labels, model) = self.labels.get(&index).cloned().unwrap_or_default();
+        let number = xid.map_or_else(|| "unknown".to_string(), |x| x.to_string());
+        let meaning = xid
+            .and_then(xid_meaning)
+            .unwrap_or("see NVIDIA's XID catalog");
+        if let Some(xid) = xid {
+            *self.xid_errors.entry((index, xid)).or_default() += 1;
+        }
+        labels.insert("xid".into(), number.clone());
+        self.events.push(Event::now(
+            "gpu_xid",
+            labels,
+            format!("gpu {index} ({model}) XID {number}: {meaning}"),
+        ));
+    }
+
+    fn ecc(&mut self, index: u32, kind: &'static str) {
+        let (mut labels, model) = self.labels.get(&index).cloned().unwrap_or_default();
+        *self.ecc_events.entry((index, kind)).or_default() += 1;
+        let what = match kind {
+            "single_bit" => "single-bit ECC error (corrected)",
+            _ => "double-bit ECC error (uncorrected)",
+        };
+        labels.insert("type".into(), kind.into());
+        self.events.push(Event::now(
+            "gpu_ecc_error",
+            labels,
+            format!("gpu {index} ({model}) {what}"),
+        ));
+    }
+
+    /// The health counters: XIDs seen, and ECC error events per type (0 until one happens).
+    pub fn samples(&self, devices: &[DeviceState], out: &mut Vec<Sample>) {
+        for device in devices {
+            for kind in ["single_bit", "double_bit"] {
+                let mut labels = device.labels();
+                labels.insert("type".into(), kind.into());
+                let count = self.ecc_events.get(&(device.index, kind)).copied();
+                out.push(value_sample(
+                    ECC_ERROR_EVENTS_METRIC,
+                    labels,
+                    count.unwrap_or(0) as f64,
+                ));
+            }
+            for (&(_, xid), &count) in self
+                .xid_errors
+                .range((device.index, 0)..=(device.index, u64::MAX))
+            {
+                let mut labels = device.labels();
+                labels.insert("xid".into(), xid.to_string());
+                out.push(value_sample(XID_ERRORS_METRIC, labels, count as f64));
+            }
+        }
+    }
+}
+
+/// The thread waiting on NVML's event set.
+pub(super) struct HealthWatcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// Why the thread did not start.
+    pub start_error: Option<String>,
+}
+
+/// The events watched, where a device supports them.
+fn wanted_events() -> EventTypes {
+    EventTypes::CRITICAL_XID_ERROR
+        | EventTypes::SINGLE_BIT_ECC_ERROR
+        | EventTypes::DOUBLE_BIT_ECC_ERROR
+}
+
+impl HealthWatcher {
+    /// Registers every device for the health events it supports (devices with none get
+    /// `events` in their not-supported list) and starts waiting for them.
+    pub fn start(
+        nvml: Arc<Nvml>,
+        devices: &mut [DeviceState],
+        shared: Arc<Mutex<HealthState>>,
+    ) -> Self {
+        let mut registrations = Vec::new();
+        {
+            let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
+            for device in devices.iter_mut() {
+                state
+                    .labels
+                    .insert(device.index, (device.labels(), device.model.clone()));
+                let supported = nvml
+                    .device_by_index(device.index)
+                    .and_then(|d| d.supported_event_types());
+                match supported {
+                    Ok(types) if types.intersects(wanted_events()) => {
+                        registrations.push((device.index, types & wanted_events()));
+                    }
+                    Ok(_) | Err(NvmlError::NotSupported) => {
+                        device.not_supported.insert("events");
+                    }
+                    Err(error) => {
+                        state.error = Some(format!(
+                            "gpu {}: health events not watched: {}",
+                            device.index,
+                            crate::collectors::error_chain(&error)
+                        ));
+                    }
+                }
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let spawned = std::thread::Builder::new()
+            .name("vigil-gpu-health".into())
+            .spawn(move || watch(&nvml, registrations, &shared, &thread_stop));
+        match spawned {
+            Ok(thread) => Self {
+                stop,
+                thread: Some(thread),
+                start_error: None,
+            },
+            Err(error) => Self {
+                stop,
+                thread: None,
+                start_error: Some(format!("health-event thread did not start: {error}")),
+            },
+        }
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An event set with every device of `registrations` that has not fallen off the bus.
+fn event_set<'n>(
+    nvml: &'n Nvml,
+    registrations: &[(u32, EventTypes)],
+    shared: &Mutex<HealthState>,
+) -> Result<EventSet<'n>, NvmlError> {
+    let mut set = nvml.create_event_set()?;
+    for &(index, types) in registrations {
+        if shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lost
+            .contains(&index)
+        {
+            continue;
+        }
+        let registered = nvml
+            .device_by_index(index)
+            .map_err(Into::into)
+            .and_then(|device| device.register_events(types, set));
+        set = match registered {
+            Ok(set) => set,
+            // Registering failed and took the set with it: start over without this device.
+            Err(error) => {
+                let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
+                if matches!(error.error, NvmlError::GpuLost) {
+                    drop(state);
+                    let labels = device_labels(shared, index);
+                    shared
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .device_lost(index, labels, "the health-event thread");
+                } else {
+                    state.error = Some(format!(
+                        "gpu {index}: health events not watched: {}",
+                        crate::collectors::error_chain(&error)
+                    ));
+                }
+                let rest: Vec<_> = registrations
+                    .iter()
+                    .copied()
+                    .filter(|(other, _)| *other != index)
+                    .collect();
+                return event_set(nvml, &rest, shared);
+            }
+        };
+    }
+    Ok(set)
+}
+
+fn device_labels(shared: &Mutex<HealthState>, index: u32) -> Labels {
+    shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .labels
+        .get(&index)
+        .map(|(labels, _)| labels.clone())
+        .unwrap_or_default()
+}
+
+fn watch(
+    nvml: &Nvml,
+    registrations: Vec<(u32, EventTypes)>,
+    shared: &Mutex<HealthState>,
+    stop: &AtomicBool,
+) {
+    if registrations.is_empty() {
+        return;
+    }
+    let mut set = match event_set(nvml, &registrations, shared) {
+        Ok(set) => set,
+        Err(error) => {
+            shared.lock().unwrap_or_else(|p| p.into_inner()).error = Some(format!(
+                "health events not watched: {}",
+                crate::collectors::error_chain(&error)
+            ));
+            return;
+        }
+    };
+    // Events name their device by handle. Asking NVML for its index fails once the device is
+    // lost, which is exactly when its last XID (79) matters, so compare handles instead.
+    let handles: Vec<(usize, u32)> = registrations
+        .iter()
+        .filter_map(|&(index, _)| {
+            let device = nvml.device_by_index(index).ok()?;
+            // SAFETY: the raw handle is only compared, never used to make another `Device`.
+            Some((unsafe { device.handle() }.addr(), index))
+        })
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        match set.wait(WAIT_MS) {
+            Ok(data) => {
+                // SAFETY: as above, only compared.
+                let handle = unsafe { data.device.handle() }.addr();
+                let Some(&(_, index)) = handles.iter().find(|(h, _)| *h == handle) else {
+                    continue;
+                };
+                let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
+                if data.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
+                    let xid = match data.event_data {
+                        Some(XidError::Value(xid)) => Some(xid),
+                        _ => None,
+                    };
+                    state.xid(index, xid);
+                }
+                if data.event_type.contains(EventTypes::SINGLE_BIT_ECC_ERROR) {
+                    state.ecc(index, "single_bit");
+                }
+                if data.event_type.contains(EventTypes::DOUBLE_BIT_ECC_ERROR) {
+                    state.ecc(index, "double_bit");
+                }
+            }
+            Err(NvmlError::Timeout) => {}
+            Err(NvmlError::GpuLost) => {
+                // Some device in the set fell off the bus: find which, and wait on the others.
+                for &(index, _) in &registrations {
+                    let answer = nvml.device_by_index(index).and_then(|d| d.uuid());
+                    if matches!(answer, Err(NvmlError::GpuLost)) {
+                        let labels = device_labels(shared, index);
+                        shared
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .device_lost(index, labels, "the health-event thread");
+                    }
+                }
+                drop(set);
+                set = match event_set(nvml, &registrations, shared) {
+                    Ok(set) => set,
+                    Err(error) => {
+                        shared.lock().unwrap_or_else(|p| p.into_inner()).error = Some(format!(
+                            "health events not watched: {}",
+                            crate::collectors::error_chain(&error)
+                        ));
+                        return;
+                    }
+                };
+            }
+            Err(error) => {
+                shared.lock().unwrap_or_else(|p| p.into_inner()).error = Some(format!(
+                    "waiting for health events failed: {}",
+                    crate::collectors::error_chain(&error)
+                ));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
