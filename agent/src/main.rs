@@ -141,7 +141,14 @@ fn collect_bench(
     passes: u32,
     interval: Duration,
 ) -> Result<(), String> {
-    let config = AgentConfig::load(config.as_deref()).map_err(|e| error_chain(&e))?;
+    let mut config = AgentConfig::load(config.as_deref()).map_err(|e| error_chain(&e))?;
+    if !collectors.is_empty() {
+        // Not started at all, so they cost nothing (memory included).
+        let wanted = |name: &str| collectors.iter().any(|c| c == name);
+        config.syscalls.enabled &= wanted("syscalls");
+        config.process.enabled &= wanted("process");
+        config.host.enabled &= wanted("host");
+    }
     let mut pass = CollectionPass::new(&config, track).map_err(|e| error_chain(&e))?;
     if !collectors.is_empty() {
         pass.retain_collectors(collectors);

@@ -28,7 +28,9 @@ pub mod budget;
 mod proc_scan;
 mod rules;
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Mutex;
 
 use self::rules::UserPattern;
 
@@ -130,12 +132,43 @@ pub struct ModelServerProcess {
 }
 
 /// Decides which processes are model servers; built once from config and `--track`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ProcessSelector {
     config_rules: Vec<(String, UserPattern)>,
     track_patterns: Vec<UserPattern>,
     builtin_rules: bool,
+    /// What earlier scans learned, so a scan reads little (see [`ScanCache`]).
+    cache: Mutex<ScanCache>,
 }
+
+/// A process another scan looked at: who it was and what it was classified as.
+#[derive(Debug)]
+struct KnownProcess {
+    start_time_ticks: u64,
+    comm: String,
+    /// `Some(server)` for a model server; `None` for anything else (kernel threads too).
+    server: Option<String>,
+}
+
+/// Memory of earlier scans. Classifying a process takes its cmdline and exe; a scan of a node
+/// with hundreds of processes every second cannot afford that for all of them. So:
+/// * a pid not seen before is read in full and classified;
+/// * a known model server has its stat re-read every scan (is it the same process, still
+///   running the same program?);
+/// * every other known process has its stat re-read every [`RECHECK_EVERY`] scans,
+///   staggered by pid: a process that `exec`s into a model server (same pid and start time,
+///   new comm) is found within that many scans.
+///
+/// A changed start time (pid reuse) or comm (exec, setproctitle) means a full read.
+#[derive(Debug, Default)]
+struct ScanCache {
+    known: HashMap<u32, KnownProcess>,
+    scans: u64,
+    stat_buffer: Vec<u8>,
+}
+
+/// Scans between two stat reads of a known process that is not a model server.
+const RECHECK_EVERY: u64 = 10;
 
 impl ProcessSelector {
     /// Compiles the config rules and the `--track REGEX` command-line patterns.
@@ -175,6 +208,7 @@ impl ProcessSelector {
             config_rules,
             track_patterns,
             builtin_rules: config.builtin_rules,
+            cache: Mutex::new(ScanCache::default()),
         })
     }
 
@@ -218,17 +252,67 @@ impl ProcessSelector {
     /// `exe` unset. The scanning process itself is never included.
     pub fn scan_proc_root(&self, proc_root: &Path) -> Vec<ModelServerProcess> {
         let own_pid = std::process::id();
+        let mut guard = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cache = &mut *guard;
+        cache.scans += 1;
+        let pids = proc_scan::list_pids(proc_root);
+        let listed: HashSet<u32> = pids.iter().copied().collect();
+        cache.known.retain(|pid, _| listed.contains(pid));
+
         let mut selected = Vec::new();
-        proc_scan::for_each_process(proc_root, own_pid, |process| {
-            if let Some(server) = self.classify(&process.identity) {
+        for pid in pids {
+            if pid == own_pid {
+                continue;
+            }
+            let known = cache.known.get(&pid);
+            let due = known.is_none_or(|k| {
+                k.server.is_some() || (u64::from(pid) + cache.scans) % RECHECK_EVERY == 0
+            });
+            if !due {
+                continue;
+            }
+            let Some(stat) = proc_scan::read_stat(proc_root, pid, &mut cache.stat_buffer) else {
+                cache.known.remove(&pid); // gone
+                continue;
+            };
+            // A model server that became a zombie is no longer one.
+            let unchanged = !stat.ignored
+                && known.is_some_and(|k| {
+                    k.start_time_ticks == stat.start_time_ticks && k.comm == stat.comm
+                });
+            if !unchanged {
+                // Read in full through one descriptor of /proc/PID, so start time, comm,
+                // cmdline and exe all describe the same process.
+                let full = (!stat.ignored)
+                    .then(|| proc_scan::read_process_by_pid(proc_root, pid))
+                    .flatten();
+                let known = match full {
+                    Some(process) => KnownProcess {
+                        server: self.classify(&process.identity),
+                        start_time_ticks: process.start_time_ticks,
+                        comm: process.identity.comm,
+                    },
+                    None => KnownProcess {
+                        start_time_ticks: stat.start_time_ticks,
+                        comm: stat.comm,
+                        server: None,
+                    },
+                };
+                cache.known.insert(pid, known);
+            }
+            let known = &cache.known[&pid];
+            if let Some(server) = &known.server {
                 selected.push(ModelServerProcess {
-                    pid: process.pid,
-                    start_time_ticks: process.start_time_ticks,
-                    comm: process.identity.comm,
-                    server,
+                    pid,
+                    start_time_ticks: known.start_time_ticks,
+                    comm: known.comm.clone(),
+                    server: server.clone(),
                 });
             }
-        });
+        }
         selected.sort_by_key(|process| process.pid);
         tracing::trace!(count = selected.len(), "model-server scan done");
         selected

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::Path;
 
 use procfs::ProcError;
-use procfs::process::{Process, all_processes_with_root};
+use procfs::process::Process;
 
 use super::ProcessIdentity;
 
@@ -20,46 +20,57 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// One live user-space process.
 pub(super) struct ProcessSnapshot {
-    pub pid: u32,
     pub start_time_ticks: u64,
     pub identity: ProcessIdentity,
 }
 
-/// Calls `visit` for every live user-space process under `proc_root` except
-/// `skip_pid`, skipping processes that vanish or cannot be read.
-pub(super) fn for_each_process(
-    proc_root: &Path,
-    skip_pid: u32,
-    mut visit: impl FnMut(ProcessSnapshot),
-) {
-    let processes = match all_processes_with_root(proc_root) {
-        Ok(processes) => processes,
+/// The numeric entries of `proc_root`: every pid, without opening anything per process.
+pub(super) fn list_pids(proc_root: &Path) -> Vec<u32> {
+    match std::fs::read_dir(proc_root) {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
         Err(error) => {
             tracing::warn!(proc_root = %proc_root.display(), %error, "cannot list processes");
-            return;
-        }
-    };
-    // The iterator yields only numeric entries, so `self`, `sys`, `net`... never show up.
-    for entry in processes {
-        let process = match entry {
-            Ok(process) => process,
-            Err(error) => {
-                log_skipped(None, &error);
-                continue;
-            }
-        };
-        let Ok(pid) = u32::try_from(process.pid) else {
-            continue;
-        };
-        if pid == skip_pid {
-            continue;
-        }
-        match read_process(&process, pid) {
-            Ok(Some(snapshot)) => visit(snapshot),
-            Ok(None) => {}
-            Err(error) => log_skipped(Some(pid), &error),
+            Vec::new()
         }
     }
+}
+
+/// What one read of `/proc/PID/stat` tells the scan: enough to see that a known process is
+/// still the same one (start time) running the same program (comm changes on exec and
+/// with setproctitle).
+pub(super) struct StatSummary {
+    pub comm: String,
+    pub start_time_ticks: u64,
+    /// Kernel thread or zombie: never a model server.
+    pub ignored: bool,
+}
+
+/// Reads `/proc/PID/stat` into `buffer` with one `read`; `None` when the process is gone or
+/// the line does not parse.
+pub(super) fn read_stat(proc_root: &Path, pid: u32, buffer: &mut Vec<u8>) -> Option<StatSummary> {
+    let mut file = std::fs::File::open(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    buffer.clear();
+    file.read_to_end(buffer).ok()?;
+    let stat = parse_stat(std::str::from_utf8(buffer).ok()?)?;
+    Some(StatSummary {
+        ignored: stat.flags & PF_KTHREAD != 0 || matches!(stat.state, 'Z' | 'X'),
+        comm: stat.comm,
+        start_time_ticks: stat.start_time_ticks,
+    })
+}
+
+/// Everything selection needs about one process (stat, cmdline, exe), read through one
+/// descriptor of its `/proc/PID` directory.
+pub(super) fn read_process_by_pid(proc_root: &Path, pid: u32) -> Option<ProcessSnapshot> {
+    let process = Process::new_with_root(proc_root.join(pid.to_string()))
+        .map_err(|error| log_skipped(Some(pid), &error))
+        .ok()?;
+    read_process(&process, pid)
+        .map_err(|error| log_skipped(Some(pid), &error))
+        .ok()
+        .flatten()
 }
 
 /// `Ok(None)` for kernel threads, zombies and unparsable stat files.
@@ -82,7 +93,6 @@ fn read_process(process: &Process, pid: u32) -> Result<Option<ProcessSnapshot>, 
         }
     };
     Ok(Some(ProcessSnapshot {
-        pid,
         start_time_ticks: stat.start_time_ticks,
         identity: ProcessIdentity {
             comm: stat.comm,
@@ -199,6 +209,19 @@ mod tests {
                 cmdline,
                 exe,
             );
+        }
+
+        /// Replaces a process directory, as exec or pid reuse would.
+        fn replace(
+            &self,
+            pid: u32,
+            comm: &str,
+            start_time: u64,
+            cmdline: &[&str],
+            exe: Option<&str>,
+        ) {
+            fs::remove_dir_all(self.path().join(pid.to_string())).unwrap();
+            self.add(pid, comm, start_time, cmdline, exe);
         }
 
         fn add_raw(&self, pid: u32, stat: String, cmdline: &[&str], exe: Option<&str>) {
@@ -454,5 +477,71 @@ mod tests {
 
         let selected = selector(&[], &[&format!("^{name}$")]).scan();
         assert_eq!(selected, [found(pid, start_time, &name, &name)]);
+    }
+
+    #[test]
+    fn a_process_that_execs_into_a_model_server_is_found_within_the_recheck_interval() {
+        let proc = FakeProc::new();
+        proc.add(
+            PID,
+            "bash",
+            500,
+            &["bash", "start.sh"],
+            Some("/usr/bin/bash"),
+        );
+        let selector = selector(&[], &[]);
+        assert!(selector.scan_proc_root(proc.path()).is_empty());
+        // exec keeps pid and start time; comm, cmdline and exe change.
+        let triton = "/opt/tritonserver/bin/tritonserver";
+        proc.replace(PID, "tritonserver", 500, &[triton], Some(triton));
+        let scans_until_found = (1..=super::super::RECHECK_EVERY)
+            .find(|_| !selector.scan_proc_root(proc.path()).is_empty())
+            .expect("found within RECHECK_EVERY scans");
+        assert!(scans_until_found <= super::super::RECHECK_EVERY);
+        assert_eq!(
+            selector.scan_proc_root(proc.path()),
+            vec![found(PID, 500, "tritonserver", "triton")]
+        );
+    }
+
+    #[test]
+    fn a_model_server_whose_pid_is_reused_is_dropped_on_the_next_scan() {
+        let proc = FakeProc::new();
+        let triton = "/opt/tritonserver/bin/tritonserver";
+        proc.add(PID, "tritonserver", 500, &[triton], Some(triton));
+        let selector = selector(&[], &[]);
+        assert_eq!(selector.scan_proc_root(proc.path()).len(), 1);
+        proc.replace(PID, "bash", 900, &["bash"], Some("/usr/bin/bash"));
+        assert!(selector.scan_proc_root(proc.path()).is_empty());
+    }
+
+    #[test]
+    fn a_model_server_that_becomes_a_zombie_is_dropped_on_the_next_scan() {
+        let proc = FakeProc::new();
+        let triton = "/opt/tritonserver/bin/tritonserver";
+        proc.add(PID, "tritonserver", 500, &[triton], Some(triton));
+        let selector = selector(&[], &[]);
+        assert_eq!(selector.scan_proc_root(proc.path()).len(), 1);
+        let zombie = stat_line(PID, "tritonserver", 'Z', 0x0040_0100, 500);
+        fs::write(proc.path().join(PID.to_string()).join("stat"), zombie).unwrap();
+        assert!(selector.scan_proc_root(proc.path()).is_empty());
+    }
+
+    #[test]
+    fn a_known_model_server_is_not_read_in_full_again_while_unchanged() {
+        let proc = FakeProc::new();
+        let triton = "/opt/tritonserver/bin/tritonserver";
+        proc.add(PID, "tritonserver", 500, &[triton], Some(triton));
+        let selector = selector(&[], &[]);
+        assert_eq!(selector.scan_proc_root(proc.path()).len(), 1);
+        // Without its cmdline and exe a new process could not be classified; a known one
+        // with the same start time and comm keeps its classification.
+        let dir = proc.path().join(PID.to_string());
+        fs::remove_file(dir.join("cmdline")).unwrap();
+        fs::remove_file(dir.join("exe")).unwrap();
+        assert_eq!(
+            selector.scan_proc_root(proc.path()),
+            vec![found(PID, 500, "tritonserver", "triton")]
+        );
     }
 }

@@ -34,7 +34,7 @@ fn spawn_crowd() -> Result<Crowd> {
     for index in 0..TRACKED + OTHERS {
         let mut command = if index < TRACKED {
             // argv[0] carries the marker, so `--track` selects exactly these.
-            let mut c = Command::new("sh");
+            let mut c = Command::new("bash");
             c.args(["-c", &format!("exec -a {MARKER} sleep 600")]);
             c
         } else {
@@ -49,7 +49,7 @@ fn spawn_crowd() -> Result<Crowd> {
             .context("spawning idle processes")?;
         crowd.0.push(child);
     }
-    // Let the `sh -c exec` processes become `sleep`.
+    // Let the `bash -c exec` processes become `sleep`.
     std::thread::sleep(std::time::Duration::from_millis(300));
     Ok(crowd)
 }
@@ -98,6 +98,9 @@ pub fn run(ws: &Workspace, passes: u32) -> Result<()> {
         .map(|p| p["total_ns"].as_f64().unwrap_or(0.0) / 1e6)
         .collect();
     let tracked = report["passes"][0]["tracked"].as_u64().unwrap_or(0);
+    if tracked != TRACKED as u64 {
+        bail!("the agent tracked {tracked} model servers, expected {TRACKED}");
+    }
     let collectors: Vec<String> = report["collectors"]
         .as_object()
         .map(|m| m.keys().cloned().collect())
