@@ -269,7 +269,7 @@ impl ProcessSelector {
             }
             let known = cache.known.get(&pid);
             let due = known.is_none_or(|k| {
-                k.server.is_some() || (u64::from(pid) + cache.scans) % RECHECK_EVERY == 0
+                k.server.is_some() || (u64::from(pid) + cache.scans).is_multiple_of(RECHECK_EVERY)
             });
             if !due {
                 continue;
