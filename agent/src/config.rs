@@ -7,7 +7,9 @@ use serde::Deserialize;
 
 use crate::{
     attribution::AttributionConfig,
-    collectors::{host::HostConfig, process::ProcessConfig, syscalls::SyscallsConfig},
+    collectors::{
+        gpu::GpuConfig, host::HostConfig, process::ProcessConfig, syscalls::SyscallsConfig,
+    },
     selection::SelectionConfig,
 };
 
@@ -23,6 +25,8 @@ pub struct AgentConfig {
     pub syscalls: SyscallsConfig,
     /// Per model-server process stats from /proc (`[process]`).
     pub process: ProcessConfig,
+    /// NVIDIA GPU telemetry through NVML (`[gpu]`).
+    pub gpu: GpuConfig,
     /// Node-wide stats: CPU, memory, network, disks, filesystems, pressure (`[host]`).
     pub host: HostConfig,
     /// Container and Kubernetes pod labels for model-server processes (`[attribution]`).

@@ -45,6 +45,9 @@ enum Command {
         /// Config file (default /etc/vigil/agent.toml when it exists).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// NVML library to load (overrides gpu.nvml_library; default libnvidia-ml.so.1).
+        #[arg(long, value_name = "PATH")]
+        nvml_library: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
     },
@@ -106,8 +109,9 @@ fn main() -> ExitCode {
             duration,
             track,
             config,
+            nvml_library,
             format: Format::Json,
-        } => snapshot(config, &track, duration),
+        } => snapshot(config, nvml_library, &track, duration),
         Command::OverheadProbe { mode, pid } => overhead_probe(mode, pid),
         Command::CollectBench {
             track,
@@ -126,8 +130,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn snapshot(config: Option<PathBuf>, track: &[String], duration: Duration) -> Result<(), String> {
-    let config = AgentConfig::load(config.as_deref()).map_err(|e| error_chain(&e))?;
+fn snapshot(
+    config: Option<PathBuf>,
+    nvml_library: Option<String>,
+    track: &[String],
+    duration: Duration,
+) -> Result<(), String> {
+    let mut config = AgentConfig::load(config.as_deref()).map_err(|e| error_chain(&e))?;
+    if let Some(path) = nvml_library {
+        config.gpu.nvml_library = path;
+    }
     let document = take_snapshot(&config, track, duration).map_err(|e| error_chain(&e))?;
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut stdout, &document).map_err(|e| e.to_string())?;
@@ -148,6 +160,7 @@ fn collect_bench(
         config.syscalls.enabled &= wanted("syscalls");
         config.process.enabled &= wanted("process");
         config.host.enabled &= wanted("host");
+        config.gpu.enabled &= wanted("gpu");
     }
     let mut pass = CollectionPass::new(&config, track).map_err(|e| error_chain(&e))?;
     if !collectors.is_empty() {

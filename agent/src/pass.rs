@@ -72,8 +72,12 @@ impl CollectionPass {
     /// Runs one pass and returns what each part cost in CPU time.
     pub fn run(&mut self) -> PassCost {
         let started = thread_cpu_time();
-        // GPU use joins the CPU ranking once the gpu collector reports per-process use.
-        let selection = self.budget.apply(self.selector.scan(), &HashMap::new());
+        // The budget ranks by CPU and by GPU use (as of the previous pass).
+        let mut gpu_use = HashMap::new();
+        for collector in &self.collectors {
+            gpu_use.extend(collector.gpu_use_by_pid());
+        }
+        let selection = self.budget.apply(self.selector.scan(), &gpu_use);
         let mut cost = PassCost {
             tracked: selection.tracked.len(),
             folded: selection.folded.len(),

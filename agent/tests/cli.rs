@@ -133,7 +133,11 @@ fn without_bpf_privileges_the_collector_is_unavailable_and_the_snapshot_still_su
     // The other collectors carry on.
     assert_eq!(doc["collectors"]["host"]["status"], "ok");
     let samples = doc["samples"].as_array().unwrap();
-    assert!(samples.iter().any(|s| s["name"] == "vigil_host_memory_total_bytes"));
+    assert!(
+        samples
+            .iter()
+            .any(|s| s["name"] == "vigil_host_memory_total_bytes")
+    );
     assert!(
         samples
             .iter()
@@ -160,4 +164,106 @@ fn an_invalid_track_regex_is_an_error_naming_it() {
     let (ok, _, stderr) = snapshot(&["--track", "triton(", "--duration", "0s"]);
     assert!(!ok);
     assert!(stderr.contains("triton("), "{stderr}");
+}
+
+#[test]
+fn snapshot_with_a_stand_in_nvml_driver_joins_gpu_use_to_the_tracked_server() {
+    // The stand-in driver, as a node would have it: libnvidia-ml.so.1 in a folder, with the
+    // scenario file beside it.
+    let dir = tempfile::tempdir().unwrap();
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let library = dir.path().join("libnvidia-ml.so.1");
+    std::fs::copy(deps.join("libfake_nvml.so"), &library).expect("libfake_nvml.so beside the test");
+
+    let mut server = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, time\n\
+             sys.stdout.write('ready\\n'); sys.stdout.flush()\n\
+             time.sleep(30)  # vigil_cli_gpu_server\n",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = server.id();
+
+    let scenario = serde_json::json!({"devices": [{
+        "uuid": "GPU-5a1c0d3e-0000-4000-8000-00000000cafe",
+        "name": "NVIDIA H200",
+        "pci_bus_id": "00000000:17:00.0",
+        "memory_total_bytes": 150_754_820_096u64,
+        "timeline": [{"at_s": 0, "gpu_util": 73, "memory_used_bytes": 42_949_672_960u64,
+                      "power_mw": 412_000, "temperature_c": 61}],
+        "nvlinks": [{"active": true, "replay_errors": 0, "recovery_errors": 0,
+                     "crc_flit_errors": 0, "crc_data_errors": 0}],
+        "processes": [{"pid": pid, "kind": "compute", "used_memory_bytes": 40_000_000_000u64,
+                       "sm_util": 70, "mem_util": 30}]
+    }]});
+    std::fs::write(
+        dir.path().join(fake_nvml::SCENARIO_FILE_NAME),
+        serde_json::to_vec(&scenario).unwrap(),
+    )
+    .unwrap();
+
+    let (ok, doc, stderr) = snapshot(&[
+        "--duration",
+        "1500ms",
+        "--track",
+        "vigil_cli_gpu_server",
+        "--nvml-library",
+        library.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(ok, "snapshot failed: {stderr}");
+    assert_eq!(
+        doc["collectors"]["gpu"]["status"], "ok",
+        "{}",
+        doc["collectors"]
+    );
+
+    let samples = doc["samples"].as_array().unwrap();
+    let find = |name: &str, extra: &[(&str, &str)]| {
+        samples
+            .iter()
+            .find(|s| s["name"] == name && extra.iter().all(|(k, v)| s["labels"][*k] == *v))
+            .unwrap_or_else(|| panic!("no {name} {extra:?}"))
+    };
+    let utilization = find("vigil_gpu_utilization_ratio", &[("gpu", "0")]);
+    assert_eq!(
+        utilization["labels"]["uuid"],
+        "GPU-5a1c0d3e-0000-4000-8000-00000000cafe"
+    );
+    assert_eq!(utilization["labels"]["model"], "NVIDIA H200");
+    assert_eq!(utilization["value"], 0.73);
+    assert_eq!(
+        find("vigil_gpu_power_watts", &[("gpu", "0")])["value"],
+        412.0
+    );
+    assert_eq!(
+        find("vigil_gpu_temperature_celsius", &[("gpu", "0")])["value"],
+        61.0
+    );
+    // The server's GPU memory carries the same pid and server labels as its other series.
+    let pid = pid.to_string();
+    let memory = find(
+        "vigil_gpu_process_memory_used_bytes",
+        &[("pid", pid.as_str())],
+    );
+    assert_eq!(memory["value"], 40_000_000_000.0);
+    assert_eq!(memory["labels"]["server"], "python3");
+    find(
+        "vigil_process_resident_memory_bytes",
+        &[("pid", pid.as_str())],
+    );
 }

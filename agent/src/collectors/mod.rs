@@ -8,6 +8,8 @@ pub mod host;
 pub mod process;
 pub mod syscalls;
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 use crate::{
@@ -28,6 +30,11 @@ pub trait Collector {
     /// Events since the last call.
     fn take_events(&mut self) -> Vec<Event>;
     fn status(&self) -> CollectorStatus;
+    /// GPU use per host pid (1.0 = one whole GPU), which the cardinality budget ranks model
+    /// servers by together with CPU. Only the gpu collector knows it.
+    fn gpu_use_by_pid(&self) -> HashMap<u32, f64> {
+        HashMap::new()
+    }
 }
 
 /// Stands in for a collector that is disabled or could not start, and says why on every pass.
@@ -67,7 +74,8 @@ pub fn start_collectors(
     let syscalls = syscalls::start(&config.syscalls)?;
     let host = host::start(&config.host);
     let process = process::start(&config.process, &config.attribution);
-    Ok(vec![syscalls, process, host])
+    let gpu = gpu::start(&config.gpu);
+    Ok(vec![syscalls, gpu, process, host])
 }
 
 /// Whether a collector is producing data, as printed under `collectors` in a snapshot.

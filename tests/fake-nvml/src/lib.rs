@@ -100,11 +100,12 @@
 //!   `nvmlDeviceGetProcessUtilization` reports one sample per running process, stamped with
 //!   the latest 100 ms tick (wall-clock microseconds, as NVML does), and only when that stamp is
 //!   newer than the caller's `lastSeenTimeStamp`.
-//! - **`events`** are delivered by `nvmlEventSetWait_v2` once `at_s` has passed, to each event
-//!   set the device was registered in before `at_s`, with the matching type (`xid`: critical XID error with
-//!   `xid` as its data; `ecc_single_bit`, `ecc_double_bit`). `device_lost` makes every later
-//!   call on the device return `NVML_ERROR_GPU_IS_LOST`, and `nvmlEventSetWait_v2` return it
-//!   once per event set; the device's events after that are never delivered.
+//! - **`events`** are delivered by `nvmlEventSetWait_v2` once `at_s` has passed, in time
+//!   order, to each event set the device was registered in before `at_s` with the matching
+//!   type (`xid`: critical XID error with `xid` as its data; `ecc_single_bit`,
+//!   `ecc_double_bit`). `device_lost` makes every later call on the device return
+//!   `NVML_ERROR_GPU_IS_LOST`, and `nvmlEventSetWait_v2` return it once per event set; the
+//!   device's events after its loss are never delivered (those at the same moment are).
 //! - **`init_error`** is a whole-library fault: `nvmlInit_v2` returns `driver_not_loaded`
 //!   (`NVML_ERROR_DRIVER_NOT_LOADED`), `lib_rm_version_mismatch` (driver and library versions
 //!   differ, `NVML_ERROR_LIB_RM_VERSION_MISMATCH`), `no_permission` or `unknown`.

@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -135,6 +135,14 @@ impl HealthState {
     }
 }
 
+/// The shared state, even if a thread panicked while holding it (it stays consistent: every
+/// update is a single insert or push).
+pub(super) fn lock(state: &Mutex<HealthState>) -> MutexGuard<'_, HealthState> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The thread waiting on NVML's event set.
 pub(super) struct HealthWatcher {
     stop: Arc<AtomicBool>,
@@ -160,7 +168,7 @@ impl HealthWatcher {
     ) -> Self {
         let mut registrations = Vec::new();
         {
-            let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = lock(&shared);
             for device in devices.iter_mut() {
                 state
                     .labels
@@ -220,12 +228,7 @@ fn event_set<'n>(
 ) -> Result<EventSet<'n>, NvmlError> {
     let mut set = nvml.create_event_set()?;
     for &(index, types) in registrations {
-        if shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .lost
-            .contains(&index)
-        {
+        if lock(shared).lost.contains(&index) {
             continue;
         }
         let registered = nvml
@@ -236,16 +239,11 @@ fn event_set<'n>(
             Ok(set) => set,
             // Registering failed and took the set with it: start over without this device.
             Err(error) => {
-                let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
                 if matches!(error.error, NvmlError::GpuLost) {
-                    drop(state);
                     let labels = device_labels(shared, index);
-                    shared
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .device_lost(index, labels, "the health-event thread");
+                    lock(shared).device_lost(index, labels, "the health-event thread");
                 } else {
-                    state.error = Some(format!(
+                    lock(shared).error = Some(format!(
                         "gpu {index}: health events not watched: {}",
                         crate::collectors::error_chain(&error)
                     ));
@@ -263,9 +261,7 @@ fn event_set<'n>(
 }
 
 fn device_labels(shared: &Mutex<HealthState>, index: u32) -> Labels {
-    shared
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    lock(shared)
         .labels
         .get(&index)
         .map(|(labels, _)| labels.clone())
@@ -284,7 +280,7 @@ fn watch(
     let mut set = match event_set(nvml, &registrations, shared) {
         Ok(set) => set,
         Err(error) => {
-            shared.lock().unwrap_or_else(|p| p.into_inner()).error = Some(format!(
+            lock(shared).error = Some(format!(
                 "health events not watched: {}",
                 crate::collectors::error_chain(&error)
             ));
@@ -309,7 +305,7 @@ fn watch(
                 let Some(&(_, index)) = handles.iter().find(|(h, _)| *h == handle) else {
                     continue;
                 };
-                let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
+                let mut state = lock(shared);
                 if data.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
                     let xid = match data.event_data {
                         Some(XidError::Value(xid)) => Some(xid),
@@ -327,21 +323,24 @@ fn watch(
             Err(NvmlError::Timeout) => {}
             Err(NvmlError::GpuLost) => {
                 // Some device in the set fell off the bus: find which, and wait on the others.
+                let mut found = false;
                 for &(index, _) in &registrations {
                     let answer = nvml.device_by_index(index).and_then(|d| d.uuid());
                     if matches!(answer, Err(NvmlError::GpuLost)) {
                         let labels = device_labels(shared, index);
-                        shared
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .device_lost(index, labels, "the health-event thread");
+                        lock(shared).device_lost(index, labels, "the health-event thread");
+                        found = true;
                     }
+                }
+                if !found {
+                    // No device admits it yet: do not spin on the set.
+                    std::thread::sleep(Duration::from_secs(1));
                 }
                 drop(set);
                 set = match event_set(nvml, &registrations, shared) {
                     Ok(set) => set,
                     Err(error) => {
-                        shared.lock().unwrap_or_else(|p| p.into_inner()).error = Some(format!(
+                        lock(shared).error = Some(format!(
                             "health events not watched: {}",
                             crate::collectors::error_chain(&error)
                         ));
@@ -350,7 +349,7 @@ fn watch(
                 };
             }
             Err(error) => {
-                shared.lock().unwrap_or_else(|p| p.into_inner()).error = Some(format!(
+                lock(shared).error = Some(format!(
                     "waiting for health events failed: {}",
                     crate::collectors::error_chain(&error)
                 ));

@@ -6,13 +6,15 @@
 //! a device falling off the bus) arrive on a thread of their own (`health.rs`) and become
 //! events the moment NVML reports them. Without a driver the collector says why in its status
 //! and retries NVML init at a slow interval, so a driver installed or reloaded later is picked
-//! up without restarting the agent.
+//! up without restarting the agent; for the same reason it starts NVML afresh (at that interval)
+//! when every GPU has fallen off the bus.
 
 mod device;
 mod health;
 mod processes;
 
 use std::{
+    collections::HashMap,
     ffi::OsStr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -145,6 +147,8 @@ pub struct GpuCollector {
     events: Vec<Event>,
     /// Problems of the latest pass (calls that failed for reasons other than NotSupported).
     pass_errors: Vec<String>,
+    /// Since when no GPU has been on the bus.
+    no_gpu_left_since: Option<Instant>,
 }
 
 impl GpuCollector {
@@ -159,6 +163,7 @@ impl GpuCollector {
             samples: Vec::new(),
             events: Vec::new(),
             pass_errors: Vec::new(),
+            no_gpu_left_since: None,
         };
         collector.try_init();
         collector
@@ -172,7 +177,8 @@ impl GpuCollector {
                     library = self.config.nvml_library,
                     "NVML initialized"
                 );
-                if self.init_failure.take().is_some() {
+                // Say so when GPUs are back, not on every fruitless restart.
+                if self.init_failure.take().is_some() && !running.no_gpu_left() {
                     self.events.push(Event::now(
                         "gpu_nvml_available",
                         Labels::new(),
@@ -216,7 +222,11 @@ impl GpuCollector {
                 Ok(device) => devices.push(device),
                 Err(error) => unidentified.push(format!(
                     "gpu {index} cannot be identified, so it is not watched: {}",
-                    crate::collectors::error_chain(&error)
+                    match error {
+                        NvmlError::GpuLost =>
+                            "it has fallen off the bus (NVML: GPU is lost)".into(),
+                        other => crate::collectors::error_chain(&other),
+                    }
                 )),
             }
         }
@@ -224,7 +234,7 @@ impl GpuCollector {
             HealthWatcher::start(Arc::clone(&nvml), &mut devices, Arc::clone(&self.health));
         let pcie = PcieSampler::start(Arc::clone(&nvml), count);
         Ok(Running {
-            processes: ProcessTable::new(count as usize),
+            processes: ProcessTable::new(count as usize, "/proc".into()),
             nvml,
             devices,
             unidentified,
@@ -233,30 +243,47 @@ impl GpuCollector {
         })
     }
 
+    /// When every GPU has fallen off the bus, NVML is started afresh (at the init retry
+    /// interval), so GPUs that come back after a reset or a driver reload are picked up.
+    fn restart_when_no_gpu_is_left(&mut self) {
+        if !self.running.as_ref().is_some_and(Running::no_gpu_left) {
+            self.no_gpu_left_since = None;
+            return;
+        }
+        let since = *self.no_gpu_left_since.get_or_insert_with(Instant::now);
+        let retry = Duration::from_secs(self.config.init_retry_seconds);
+        if since.elapsed() < retry {
+            return;
+        }
+        self.no_gpu_left_since = None;
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
+        health::lock(&self.health).lost.clear();
+        let reason = format!(
+            "every GPU fell off the bus; restarting NVML ({})",
+            self.config.nvml_library
+        );
+        tracing::info!("{reason}");
+        self.init_failure = Some((reason, None));
+        self.try_init();
+    }
+
     /// One collection pass: every device's readings and the tracked processes' GPU use.
     pub fn collect(&mut self, selection: &PassSelection) {
         self.pass_errors.clear();
-        if self.running.is_none() {
-            if self
-                .init_failure
-                .as_ref()
-                .is_some_and(|(_, retry)| retry.is_some_and(|at| Instant::now() >= at))
-            {
-                self.try_init();
-            }
-            if self.running.is_none() {
-                return;
-            }
+        self.restart_when_no_gpu_is_left();
+        let retry_due = self
+            .init_failure
+            .as_ref()
+            .is_some_and(|(_, retry)| retry.is_some_and(|at| Instant::now() >= at));
+        if self.running.is_none() && retry_due {
+            self.try_init();
         }
         let Some(running) = self.running.as_mut() else {
             return;
         };
-        let lost = self
-            .health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .lost
-            .clone();
+        let lost = health::lock(&self.health).lost.clone();
         let pcie = running.pcie.latest();
         let mut samples = Vec::new();
         for device in &mut running.devices {
@@ -267,10 +294,11 @@ impl GpuCollector {
             let pass = device.read(&running.nvml, reading, &mut samples);
             self.pass_errors.extend(pass.errors);
             if pass.newly_lost {
-                self.health
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .device_lost(device.index, device.labels(), "a collection pass");
+                health::lock(&self.health).device_lost(
+                    device.index,
+                    device.labels(),
+                    "a collection pass",
+                );
             }
             self.events.extend(pass.events);
         }
@@ -281,10 +309,6 @@ impl GpuCollector {
             &mut samples,
             &mut self.pass_errors,
         );
-        self.health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .samples(&running.devices, &mut samples);
         self.samples = samples;
     }
 
@@ -306,7 +330,7 @@ impl GpuCollector {
                 problems.extend(device.problems());
             }
         }
-        if let Some(error) = &self.health.lock().unwrap_or_else(|p| p.into_inner()).error {
+        if let Some(error) = &health::lock(&self.health).error {
             problems.push(error.clone());
         }
         problems.extend(self.pass_errors.iter().cloned());
@@ -317,16 +341,21 @@ impl GpuCollector {
         }
     }
 
-    /// Samples of the latest pass, plus the health-event counters.
+    /// Samples of the latest pass, plus the health-event counters as they are now (they do not
+    /// wait for a pass either).
     pub fn samples(&self) -> Vec<Sample> {
-        self.samples.clone()
+        let mut samples = self.samples.clone();
+        if let Some(running) = &self.running {
+            health::lock(&self.health).samples(&running.devices, &mut samples);
+        }
+        samples
     }
 
     /// Events since the last call, health events included as soon as NVML reports them (they
     /// do not wait for a collection pass).
     pub fn take_events(&mut self) -> Vec<Event> {
         let mut events = std::mem::take(&mut self.events);
-        events.append(&mut self.health.lock().unwrap_or_else(|p| p.into_inner()).events);
+        events.append(&mut health::lock(&self.health).events);
         events
     }
 }
@@ -334,9 +363,22 @@ impl GpuCollector {
 impl Drop for GpuCollector {
     fn drop(&mut self) {
         if let Some(running) = self.running.take() {
-            running.health.stop();
-            running.pcie.stop();
+            running.stop();
         }
+    }
+}
+
+impl Running {
+    /// Stops the threads; dropping the last `Nvml` then shuts NVML down.
+    fn stop(self) {
+        self.health.stop();
+        self.pcie.stop();
+    }
+
+    /// NVML counted GPUs, and none of them is on the bus any more.
+    fn no_gpu_left(&self) -> bool {
+        let counted = self.devices.len() + self.unidentified.len();
+        counted > 0 && self.devices.iter().all(DeviceState::is_lost)
     }
 }
 
@@ -359,6 +401,13 @@ impl Collector for GpuCollector {
 
     fn status(&self) -> CollectorStatus {
         GpuCollector::status(self)
+    }
+
+    fn gpu_use_by_pid(&self) -> HashMap<u32, f64> {
+        self.running
+            .as_ref()
+            .map(|running| running.processes.sm_use_by_pid())
+            .unwrap_or_default()
     }
 }
 

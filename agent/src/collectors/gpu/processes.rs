@@ -2,8 +2,17 @@
 //! carries its GPU memory and utilization under the same `pid`, `comm` and `server` labels as
 //! its syscall latency. Processes that are not tracked count only towards a per-device total,
 //! which keeps cardinality bounded.
+//!
+//! NVML may report a containerized process by its pid inside the container's PID namespace
+//! (as when the driver is asked from within another namespace). Such a pid is mapped to the host
+//! pid of the one tracked process whose innermost namespace pid it is (`NSpid` in
+//! /proc/PID/status); when several tracked processes share it, it stays unmapped rather than
+//! being credited to the wrong one.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
 
 use nvml_wrapper::{
     Nvml, enums::device::UsedGpuMemory, error::NvmlError,
@@ -20,6 +29,10 @@ use crate::{
     selection::ModelServerProcess,
 };
 
+/// Without NVML's process lists, a process whose last utilization sample is this much older
+/// than the newest one is taken to have ended.
+const STALE_SAMPLE_US: u64 = 30_000_000;
+
 /// A process on one GPU, as NVML lists it.
 #[derive(Debug, Clone, Copy, Default)]
 struct GpuProcess {
@@ -34,14 +47,32 @@ struct GpuProcess {
 pub(super) struct ProcessTable {
     last_seen_us: Vec<u64>,
     utilization: Vec<BTreeMap<u32, ProcessUtilizationSample>>,
+    namespace_pids: NamespacePids,
 }
 
 impl ProcessTable {
-    pub fn new(devices: usize) -> Self {
+    /// `proc_root` is where the tracked processes' namespace pids are read (`/proc`).
+    pub fn new(devices: usize, proc_root: PathBuf) -> Self {
         Self {
             last_seen_us: vec![0; devices],
             utilization: vec![BTreeMap::new(); devices],
+            namespace_pids: NamespacePids {
+                proc_root,
+                innermost: BTreeMap::new(),
+            },
         }
+    }
+
+    /// Each process's SM utilization summed over the GPUs it runs on (1.0 = one whole GPU),
+    /// from the latest samples: what the cardinality budget ranks GPU use by.
+    pub fn sm_use_by_pid(&self) -> HashMap<u32, f64> {
+        let mut by_pid = HashMap::new();
+        for device in &self.utilization {
+            for (&pid, sample) in device {
+                *by_pid.entry(pid).or_insert(0.0) += sample.sm_util as f64 / 100.0;
+            }
+        }
+        by_pid
     }
 
     /// One pass over every device on the bus.
@@ -53,8 +84,14 @@ impl ProcessTable {
         out: &mut Vec<Sample>,
         errors: &mut Vec<String>,
     ) {
+        let to_host = self.namespace_pids.refresh(tracked);
         let tracked: BTreeMap<u32, &ModelServerProcess> =
             tracked.iter().map(|p| (p.pid, p)).collect();
+        // A pid NVML reports: the host pid it stands for.
+        let host_pid = |pid: u32| match tracked.contains_key(&pid) {
+            true => pid,
+            false => to_host.get(&pid).copied().unwrap_or(pid),
+        };
         for device in devices.iter_mut() {
             if device.is_lost() {
                 continue;
@@ -74,7 +111,7 @@ impl ProcessTable {
                     Ok(processes) => {
                         let mut by_pid: BTreeMap<u32, GpuProcess> = BTreeMap::new();
                         for info in processes {
-                            let entry = by_pid.entry(info.pid).or_default();
+                            let entry = by_pid.entry(host_pid(info.pid)).or_default();
                             // A process with compute and graphics contexts is listed twice
                             // with the same memory.
                             if let UsedGpuMemory::Used(bytes) = info.used_gpu_memory {
@@ -94,7 +131,7 @@ impl ProcessTable {
                     Ok(samples) => {
                         for sample in samples {
                             self.last_seen_us[slot] = self.last_seen_us[slot].max(sample.timestamp);
-                            self.utilization[slot].insert(sample.pid, sample);
+                            self.utilization[slot].insert(host_pid(sample.pid), sample);
                         }
                     }
                     // No sample newer than the last one seen.
@@ -103,8 +140,13 @@ impl ProcessTable {
                 }
             }
             let utilization = &mut self.utilization[slot];
-            if let Some(listed) = &listed {
-                utilization.retain(|pid, _| listed.contains_key(pid));
+            match &listed {
+                Some(listed) => utilization.retain(|pid, _| listed.contains_key(pid)),
+                // Without a process list, a process that stopped sending samples has ended.
+                None => {
+                    let oldest = self.last_seen_us[slot].saturating_sub(STALE_SAMPLE_US);
+                    utilization.retain(|_, sample| sample.timestamp >= oldest);
+                }
             }
             let mut untracked_bytes = 0;
             let mut pids: Vec<u32> = listed.iter().flat_map(|l| l.keys().copied()).collect();
@@ -147,6 +189,48 @@ impl ProcessTable {
     }
 }
 
+/// Innermost PID-namespace pids of tracked processes, read once per process.
+struct NamespacePids {
+    proc_root: PathBuf,
+    /// (host pid, start time) -> innermost namespace pid, if readable.
+    innermost: BTreeMap<(u32, u64), Option<u32>>,
+}
+
+impl NamespacePids {
+    /// Namespace pid -> host pid, for tracked processes whose pids differ and whose namespace
+    /// pid no other tracked process shares.
+    fn refresh(&mut self, tracked: &[ModelServerProcess]) -> BTreeMap<u32, u32> {
+        self.innermost.retain(|(pid, start), _| {
+            tracked
+                .iter()
+                .any(|p| p.pid == *pid && p.start_time_ticks == *start)
+        });
+        let mut hosts_by_inner: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for process in tracked {
+            let inner = *self
+                .innermost
+                .entry((process.pid, process.start_time_ticks))
+                .or_insert_with(|| innermost_pid(&self.proc_root, process.pid));
+            if let Some(inner) = inner.filter(|inner| *inner != process.pid) {
+                hosts_by_inner.entry(inner).or_default().push(process.pid);
+            }
+        }
+        hosts_by_inner
+            .into_iter()
+            .filter_map(|(inner, hosts)| (hosts.len() == 1).then(|| (inner, hosts[0])))
+            .collect()
+    }
+}
+
+/// The last `NSpid` entry of /proc/PID/status: the pid in the process's own namespace.
+fn innermost_pid(proc_root: &Path, pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    let pids = status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))?;
+    pids.split_whitespace().last()?.parse().ok()
+}
+
 fn process_labels(
     device: &DeviceState,
     server: &ModelServerProcess,
@@ -185,5 +269,46 @@ fn note(
             device.index,
             crate::collectors::error_chain(other)
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracked(pid: u32) -> ModelServerProcess {
+        ModelServerProcess {
+            pid,
+            start_time_ticks: 7,
+            comm: "python3".into(),
+            server: "vllm".into(),
+        }
+    }
+
+    #[test]
+    fn container_pids_map_to_host_pids_only_when_unambiguous() {
+        let proc_root = tempfile::tempdir().unwrap();
+        for (pid, nspid) in [
+            (4242, "4242 57"),
+            (5151, "5151 1"),
+            (6161, "6161 1"),
+            (7171, "7171"),
+        ] {
+            let dir = proc_root.path().join(pid.to_string());
+            std::fs::create_dir(&dir).unwrap();
+            let status = format!("Name:\tpython3\nTgid:\t{pid}\nNSpid:\t{nspid}\nPPid:\t1\n");
+            std::fs::write(dir.join("status"), status).unwrap();
+        }
+        let mut pids = NamespacePids {
+            proc_root: proc_root.path().to_owned(),
+            innermost: BTreeMap::new(),
+        };
+        let processes: Vec<_> = [4242, 5151, 6161, 7171, 8181].map(tracked).into();
+        // 57 is only 4242's; 1 is both 5151's and 6161's; 7171 shares the host namespace;
+        // 8181 has no status file (exited).
+        assert_eq!(pids.refresh(&processes), BTreeMap::from([(57, 4242)]));
+        // Processes no longer tracked are forgotten.
+        pids.refresh(&processes[..1]);
+        assert_eq!(pids.innermost.len(), 1);
     }
 }
