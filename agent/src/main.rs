@@ -66,6 +66,9 @@ enum Command {
         interval: Duration,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// NVML library to load (overrides gpu.nvml_library).
+        #[arg(long, value_name = "PATH")]
+        nvml_library: Option<String>,
     },
     /// Attach the probes for the overhead benchmark (`cargo xtask bench syscall-overhead`):
     /// prints `ready` once attached and detaches when stdin closes.
@@ -119,7 +122,8 @@ fn main() -> ExitCode {
             passes,
             interval,
             config,
-        } => collect_bench(config, &track, &collectors, passes, interval),
+            nvml_library,
+        } => collect_bench(config, nvml_library, &track, &collectors, passes, interval),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -148,12 +152,16 @@ fn snapshot(
 
 fn collect_bench(
     config: Option<PathBuf>,
+    nvml_library: Option<String>,
     track: &[String],
     collectors: &[String],
     passes: u32,
     interval: Duration,
 ) -> Result<(), String> {
     let mut config = AgentConfig::load(config.as_deref()).map_err(|e| error_chain(&e))?;
+    if let Some(path) = nvml_library {
+        config.gpu.nvml_library = path;
+    }
     if !collectors.is_empty() {
         // Not started at all, so they cost nothing (memory included).
         let wanted = |name: &str| collectors.iter().any(|c| c == name);

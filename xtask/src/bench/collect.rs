@@ -12,13 +12,20 @@ use crate::workspace::Workspace;
 /// Model servers the agent tracks (its default budget), and other processes beside them.
 const TRACKED: usize = 64;
 const OTHERS: usize = 236;
-const MARKER: &str = "vigil-bench-server";
+pub(super) const MARKER: &str = "vigil-bench-server";
 /// Targets from the issue: per-pass CPU time and agent memory.
 const MAX_PASS_MS: f64 = 5.0;
 const MAX_RSS_MIB: f64 = 30.0;
 
 /// Idle processes that die with the benchmark, even when it fails.
-struct Crowd(Vec<Child>);
+pub(super) struct Crowd(Vec<Child>);
+
+impl Crowd {
+    /// Pids of the processes `--track MARKER` selects.
+    pub(super) fn tracked_pids(&self, tracked: usize) -> Vec<u32> {
+        self.0.iter().take(tracked).map(Child::id).collect()
+    }
+}
 
 impl Drop for Crowd {
     fn drop(&mut self) {
@@ -29,10 +36,11 @@ impl Drop for Crowd {
     }
 }
 
-fn spawn_crowd() -> Result<Crowd> {
+/// `tracked` idle processes with [`MARKER`] as argv[0] (the first ones), then `others`.
+pub(super) fn spawn_crowd(tracked: usize, others: usize) -> Result<Crowd> {
     let mut crowd = Crowd(Vec::new());
-    for index in 0..TRACKED + OTHERS {
-        let mut command = if index < TRACKED {
+    for index in 0..tracked + others {
+        let mut command = if index < tracked {
             // argv[0] carries the marker, so `--track` selects exactly these.
             let mut c = Command::new("bash");
             c.args(["-c", &format!("exec -a {MARKER} sleep 600")]);
@@ -64,13 +72,13 @@ fn processes_on_the_machine() -> usize {
         .unwrap_or(0)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
 }
 
 pub fn run(ws: &Workspace, passes: u32) -> Result<()> {
-    let crowd = spawn_crowd()?;
+    let crowd = spawn_crowd(TRACKED, OTHERS)?;
     let processes = processes_on_the_machine();
     let output = Command::new(ws.agent_binary())
         .args([

@@ -1,6 +1,7 @@
 //! `cargo xtask bench NAME`: benchmarks that need the release build and a real kernel.
 
 mod collect;
+mod gpu;
 mod probe_process;
 mod syscall_overhead;
 
@@ -19,7 +20,7 @@ pub struct BenchArgs {
     /// syscall-overhead: rounds; each round measures every setup once, in a rotated order.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
-    /// collect: collection passes, 1 s apart.
+    /// collect, gpu: collection passes, 1 s apart.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
     passes: u32,
 }
@@ -31,12 +32,15 @@ enum BenchName {
     /// CPU time of a process + host collection pass with 300 processes (64 tracked), and the
     /// agent's memory.
     Collect,
+    /// CPU time of a gpu collection pass over 8 GPUs and 64 processes on the stand-in NVML.
+    Gpu,
 }
 
 pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
     match args.name {
         BenchName::SyscallOverhead => syscall_overhead::run(ws, args.calls, args.rounds),
         BenchName::Collect => collect::run(ws, args.passes),
+        BenchName::Gpu => gpu::run(ws, args.passes),
     }
 }
 
