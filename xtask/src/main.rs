@@ -10,6 +10,7 @@
 
 mod bench;
 mod ebpf;
+mod gpu_check;
 mod setup;
 mod shell;
 mod workspace;
@@ -58,6 +59,15 @@ enum Task {
     },
     /// Build, then run a benchmark and write its figures under target/bench/.
     Bench(bench::BenchArgs),
+    /// On a machine with an NVIDIA GPU: compare the agent's GPU readings with nvidia-smi.
+    GpuCheck {
+        /// Use this agent binary instead of building one (a GPU machine may lack the toolchain).
+        #[arg(long)]
+        agent: Option<std::path::PathBuf>,
+        /// How long the snapshot collects.
+        #[arg(long, default_value = "3s")]
+        duration: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +93,16 @@ fn run_task(task: Task) -> Result<()> {
         Task::Bench(args) => {
             build(&ws)?;
             bench::run(&ws, &args)
+        }
+        Task::GpuCheck { agent, duration } => {
+            let agent = match agent {
+                Some(agent) => agent,
+                None => {
+                    build(&ws)?;
+                    ws.agent_binary()
+                }
+            };
+            gpu_check::run(&agent, &duration)
         }
     }
 }
