@@ -72,7 +72,63 @@ fn processes_on_the_machine() -> usize {
         .unwrap_or(0)
 }
 
-pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// Runs `vigil-agent collect-bench --passes N --interval 1s` with `configure`'s extra arguments
+/// and environment, and returns its report.
+pub(super) fn run_collect_bench(
+    ws: &Workspace,
+    passes: u32,
+    configure: impl FnOnce(&mut Command),
+) -> Result<Value> {
+    let mut command = Command::new(ws.agent_binary());
+    command
+        .args(["collect-bench", "--track", MARKER])
+        .args(["--passes", &passes.to_string(), "--interval", "1s"])
+        .stderr(Stdio::inherit());
+    configure(&mut command);
+    let output = command
+        .output()
+        .context("running vigil-agent collect-bench")?;
+    if !output.status.success() {
+        bail!("vigil-agent collect-bench failed ({})", output.status);
+    }
+    serde_json::from_slice(&output.stdout).context("parsing collect-bench output")
+}
+
+/// Per-pass CPU figures: the first pass (cold caches, first classification) apart from the
+/// steady state of the others.
+pub(super) struct PassFigures {
+    pub first: f64,
+    pub median: f64,
+    pub p90: f64,
+}
+
+impl PassFigures {
+    pub(super) fn of(pass_ms: &[f64]) -> Self {
+        let first = pass_ms[0];
+        let mut steady = pass_ms[1..].to_vec();
+        if steady.is_empty() {
+            steady.push(first);
+        }
+        steady.sort_by(f64::total_cmp);
+        Self {
+            first,
+            median: percentile(&steady, 0.5),
+            p90: percentile(&steady, 0.9),
+        }
+    }
+}
+
+/// Writes a benchmark's JSON report under target/bench/.
+pub(super) fn write_report(ws: &Workspace, file: &str, report: &Value) -> Result<()> {
+    let dir = ws.bench_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(file);
+    std::fs::write(&path, serde_json::to_string_pretty(report)?)?;
+    eprintln!("bench: figures written to {}", path.display());
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
 }
@@ -80,24 +136,11 @@ pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub fn run(ws: &Workspace, passes: u32) -> Result<()> {
     let crowd = spawn_crowd(TRACKED, OTHERS)?;
     let processes = processes_on_the_machine();
-    let output = Command::new(ws.agent_binary())
-        .args([
-            "collect-bench",
-            "--track",
-            MARKER,
-            "--collectors",
-            "process,host",
-        ])
-        .args(["--passes", &passes.to_string(), "--interval", "1s"])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running vigil-agent collect-bench")?;
+    let report = run_collect_bench(ws, passes, |command| {
+        command.args(["--collectors", "process,host"]);
+    });
     drop(crowd);
-    if !output.status.success() {
-        bail!("vigil-agent collect-bench failed ({})", output.status);
-    }
-    let report: Value =
-        serde_json::from_slice(&output.stdout).context("parsing collect-bench output")?;
+    let report = report?;
 
     let pass_ms: Vec<f64> = report["passes"]
         .as_array()
@@ -117,19 +160,7 @@ pub fn run(ws: &Workspace, passes: u32) -> Result<()> {
         bail!("vigil-agent ran none of the process and host collectors");
     }
     // The first pass warms caches and allocates; report it apart from the steady state.
-    let first = pass_ms[0];
-    let mut steady = pass_ms[1..].to_vec();
-    steady.sort_by(f64::total_cmp);
-    let median = if steady.is_empty() {
-        first
-    } else {
-        percentile(&steady, 0.5)
-    };
-    let p90 = if steady.is_empty() {
-        first
-    } else {
-        percentile(&steady, 0.9)
-    };
+    let PassFigures { first, median, p90 } = PassFigures::of(&pass_ms);
     let mib = |v: &Value| v.as_f64().unwrap_or(0.0) / (1024.0 * 1024.0);
     let rss = mib(&report["rss_bytes"]);
     let peak_rss = mib(&report["peak_rss_bytes"]);
@@ -177,12 +208,7 @@ pub fn run(ws: &Workspace, passes: u32) -> Result<()> {
         },
         "agent_report": report,
     });
-    let dir = ws.bench_dir();
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("collect.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
-    eprintln!("bench: figures written to {}", path.display());
-    Ok(())
+    write_report(ws, "collect.json", &json)
 }
 
 #[cfg(test)]

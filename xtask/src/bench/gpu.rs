@@ -2,12 +2,10 @@
 //! model-server processes, on the stand-in NVML library (`tests/fake-nvml`), loaded through
 //! nvml-wrapper's real loading path by `vigil-agent collect-bench --collectors gpu`.
 
-use std::process::{Command, Stdio};
-
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::collect::{MARKER, percentile, spawn_crowd};
+use super::collect::{PassFigures, run_collect_bench, spawn_crowd, write_report};
 use crate::workspace::Workspace;
 
 const GPUS: usize = 8;
@@ -65,21 +63,14 @@ pub fn run(ws: &Workspace, passes: u32) -> Result<()> {
         &scenario_path,
         serde_json::to_vec_pretty(&scenario(&crowd.tracked_pids(PROCESSES)))?,
     )?;
-    let output = Command::new(ws.agent_binary())
-        .args(["collect-bench", "--track", MARKER, "--collectors", "gpu"])
-        .args(["--passes", &passes.to_string(), "--interval", "1s"])
-        .arg("--nvml-library")
-        .arg(&library)
-        .env("FAKE_NVML_SCENARIO", &scenario_path)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running vigil-agent collect-bench")?;
+    let report = run_collect_bench(ws, passes, |command| {
+        command
+            .args(["--collectors", "gpu", "--nvml-library"])
+            .arg(&library)
+            .env("FAKE_NVML_SCENARIO", &scenario_path);
+    });
     drop(crowd);
-    if !output.status.success() {
-        bail!("vigil-agent collect-bench failed ({})", output.status);
-    }
-    let report: Value =
-        serde_json::from_slice(&output.stdout).context("parsing collect-bench output")?;
+    let report = report?;
     let status = &report["collectors"]["gpu"];
     if status["status"] != "ok" {
         bail!("the gpu collector did not run on the stand-in: {status}");
@@ -90,11 +81,7 @@ pub fn run(ws: &Workspace, passes: u32) -> Result<()> {
         .iter()
         .map(|p| p["collectors_ns"]["gpu"].as_f64().unwrap_or(0.0) / 1e6)
         .collect();
-    let first = gpu_ms[0];
-    let mut steady = gpu_ms[1..].to_vec();
-    steady.sort_by(f64::total_cmp);
-    let median = percentile(&steady, 0.5);
-    let p90 = percentile(&steady, 0.9);
+    let PassFigures { first, median, p90 } = PassFigures::of(&gpu_ms);
 
     println!();
     println!("stand-in NVML: {GPUS} GPUs, {PROCESSES} tracked processes ({passes} passes)");
@@ -121,10 +108,7 @@ pub fn run(ws: &Workspace, passes: u32) -> Result<()> {
         "target": {"max_pass_cpu_ms": MAX_PASS_MS, "met": met},
         "agent_report": report,
     });
-    let path = dir.join("gpu.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
-    eprintln!("bench: figures written to {}", path.display());
-    Ok(())
+    write_report(ws, "gpu.json", &json)
 }
 
 #[cfg(test)]
