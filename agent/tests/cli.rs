@@ -21,26 +21,47 @@ fn snapshot(args: &[&str]) -> (bool, Value, String) {
     (output.status.success(), document, stderr)
 }
 
+/// A stand-in model server: a Python process running `body` after saying it is ready. It is
+/// killed when dropped.
+struct PythonServer(std::process::Child);
+
+impl PythonServer {
+    fn start(body: &str) -> Self {
+        let script =
+            format!("import sys, time\nsys.stdout.write('ready\\n'); sys.stdout.flush()\n{body}");
+        let mut child = Command::new("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        Self(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn snapshot_of_a_tracked_python_server_shows_its_sleep_latency() {
-    // A stand-in model server: Python sleeping 2 ms at a time (clock_nanosleep), marked so
-    // that only it matches --track.
-    let mut server = Command::new("python3")
-        .args([
-            "-c",
-            "import sys, time\n\
-             sys.stdout.write('ready\\n'); sys.stdout.flush()\n\
-             end = time.monotonic() + 8  # vigil_cli_test_server\n\
-             while time.monotonic() < end: time.sleep(0.002)\n",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
+    // Python sleeping 2 ms at a time (clock_nanosleep), marked so that only it matches
+    // --track.
+    let server = PythonServer::start(
+        "end = time.monotonic() + 8  # vigil_cli_test_server\n\
+         while time.monotonic() < end: time.sleep(0.002)\n",
+    );
 
     let (ok, doc, stderr) = snapshot(&[
         "--duration",
@@ -50,8 +71,8 @@ fn snapshot_of_a_tracked_python_server_shows_its_sleep_latency() {
         "--format",
         "json",
     ]);
-    server.kill().unwrap();
-    server.wait().unwrap();
+    let pid = server.pid().to_string();
+    drop(server);
     assert!(ok, "snapshot failed: {stderr}");
 
     assert_eq!(
@@ -60,7 +81,6 @@ fn snapshot_of_a_tracked_python_server_shows_its_sleep_latency() {
         doc["collectors"]
     );
     assert!(doc["node"].as_str().is_some_and(|n| !n.is_empty()));
-    let pid = server.id().to_string();
     let samples = doc["samples"].as_array().unwrap();
     let latency = samples
         .iter()
@@ -179,21 +199,8 @@ fn snapshot_with_a_stand_in_nvml_driver_joins_gpu_use_to_the_tracked_server() {
     let library = dir.path().join("libnvidia-ml.so.1");
     std::fs::copy(deps.join("libfake_nvml.so"), &library).expect("libfake_nvml.so beside the test");
 
-    let mut server = Command::new("python3")
-        .args([
-            "-c",
-            "import sys, time\n\
-             sys.stdout.write('ready\\n'); sys.stdout.flush()\n\
-             time.sleep(30)  # vigil_cli_gpu_server\n",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let pid = server.id();
+    let server = PythonServer::start("time.sleep(30)  # vigil_cli_gpu_server\n");
+    let pid = server.pid();
 
     let scenario = serde_json::json!({"devices": [{
         "uuid": "GPU-5a1c0d3e-0000-4000-8000-00000000cafe",
@@ -223,8 +230,7 @@ fn snapshot_with_a_stand_in_nvml_driver_joins_gpu_use_to_the_tracked_server() {
         "--format",
         "json",
     ]);
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
     assert!(ok, "snapshot failed: {stderr}");
     assert_eq!(
         doc["collectors"]["gpu"]["status"], "ok",

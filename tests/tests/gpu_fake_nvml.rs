@@ -557,6 +557,141 @@ fn health_events_arrive_within_a_second_without_waiting_for_a_pass() {
     );
 }
 
+/// A device idle from the start whose clock-event reasons change at 1.0 s (and, if
+/// `back_at` is given, go back to idle then).
+fn throttled_at_one_second(back_at: Option<f64>, extra: Value) -> Value {
+    let mut timeline = vec![
+        IDLE.timeline_entry(0.0),
+        json!({"at_s": 1.0, "throttle_reasons": ["sw_power_cap", "hw_thermal_slowdown"]}),
+    ];
+    if let Some(at_s) = back_at {
+        timeline.push(json!({"at_s": at_s, "throttle_reasons": ["gpu_idle"]}));
+    }
+    let mut fields = json!({"timeline": timeline});
+    fields
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    device(UUID_0, "00000000:17:00.0", fields)
+}
+
+const THROTTLED_MESSAGE: &str = "clock-event reasons now: sw_power_cap, hw_thermal_slowdown";
+
+/// Asserts `event` is the clock-event reason change of gpu 0 to `now`, labelled as its series.
+fn assert_clock_event(event: &Event, now: &str) {
+    assert_eq!(event.kind, "gpu_clock_event_reasons_changed", "{event:#?}");
+    assert_eq!(event.message, format!("gpu 0 ({MODEL}) {now}"));
+    assert_eq!(
+        event.labels,
+        [
+            ("gpu", "0"),
+            ("uuid", UUID_0),
+            ("model", MODEL),
+            ("pci_bus_id", "00000000:17:00.0"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    );
+}
+
+#[test]
+fn clock_event_reason_changes_arrive_within_a_second_without_waiting_for_a_pass() {
+    let driver = FakeDriver::new(json!({"devices": [throttled_at_one_second(None, json!({}))]}));
+    let mut run = Run::start(&driver);
+    let samples = run.pass_at(0.3, &[]);
+    IDLE.assert_reported(&samples);
+    assert!(run.collector.take_events().is_empty());
+
+    // No pass from here on until the event has arrived: the health thread reports it.
+    let events = run.events_until(1, 3.0);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let (seen_at, event) = &events[0];
+    assert!(
+        *seen_at >= 1.0 && *seen_at < 2.0,
+        "clock event due at 1.0 s seen at {seen_at:.3} s"
+    );
+    assert_clock_event(event, THROTTLED_MESSAGE);
+
+    // The next passes see the new reasons, and do not report the change again.
+    for at in [2.0, 2.1] {
+        let samples = run.pass_at(at, &[]);
+        assert_eq!(
+            value(
+                &samples,
+                THROTTLE_REASON_METRIC,
+                "0",
+                &[("reason", "sw_power_cap")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &samples,
+                THROTTLE_REASON_METRIC,
+                "0",
+                &[("reason", "gpu_idle")]
+            ),
+            Some(0.0)
+        );
+        let events = run.collector.take_events();
+        assert!(events.is_empty(), "reported twice: {events:#?}");
+    }
+    assert_eq!(run.collector.status(), CollectorStatus::Ok);
+}
+
+#[test]
+fn without_clock_events_a_clock_event_reason_change_is_reported_once_by_the_pass() {
+    let driver = FakeDriver::new(json!({"devices": [throttled_at_one_second(
+        None,
+        json!({"not_supported": ["clock_events"]}),
+    )]}));
+    let mut run = Run::start(&driver);
+    run.pass_at(0.5, &[]);
+    assert!(run.collector.take_events().is_empty());
+    // Nothing tells the health thread; XIDs and ECC errors are still watched, silently.
+    let events = run.events_until(1, 1.8);
+    assert!(events.is_empty(), "{events:#?}");
+
+    run.pass_at(2.0, &[]);
+    let events = run.collector.take_events();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_clock_event(&events[0], THROTTLED_MESSAGE);
+    run.pass_at(2.1, &[]);
+    let events = run.collector.take_events();
+    assert!(events.is_empty(), "reported twice: {events:#?}");
+    assert_eq!(run.collector.status(), CollectorStatus::Ok);
+}
+
+#[test]
+fn clock_event_reason_changes_are_reported_once_while_passes_race_the_health_thread() {
+    let driver = FakeDriver::new(json!({"devices": [throttled_at_one_second(
+        Some(1.5),
+        json!({}),
+    )]}));
+    let mut run = Run::start(&driver);
+    let mut events = Vec::new();
+    let mut at = 0.5;
+    while at < 2.6 {
+        run.pass_at(at, &[]);
+        for event in run.collector.take_events() {
+            events.push((run.started.elapsed().as_secs_f64(), event));
+        }
+        at += 0.02;
+    }
+    assert_eq!(events.len(), 2, "{events:#?}");
+    for ((seen_at, event), (due_at, now)) in events.iter().zip([
+        (1.0, THROTTLED_MESSAGE),
+        (1.5, "clock-event reasons now: gpu_idle"),
+    ]) {
+        assert!(
+            *seen_at >= due_at && *seen_at < due_at + 1.0,
+            "clock event due at {due_at} s seen at {seen_at:.3} s"
+        );
+        assert_clock_event(event, now);
+    }
+}
+
 #[test]
 fn a_device_lost_mid_run_is_reported_at_once_and_its_readings_stop() {
     let driver = FakeDriver::new(json!({"devices": [

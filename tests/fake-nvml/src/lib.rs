@@ -84,7 +84,10 @@
 //!   `utilization`, `memory`, `power_usage`, `power_limit`, `energy`, `temperature`,
 //!   `fan_speed`, `clock_sm`, `clock_memory`, `clock_graphics`, `performance_state`,
 //!   `encoder_utilization`, `decoder_utilization`, `pcie_throughput`, `throttle_reasons`,
-//!   `ecc`, `remapped_rows`, `processes`, `process_utilization`, `events`, `mig`.
+//!   `ecc`, `remapped_rows`, `processes`, `process_utilization`, `events`, `clock_events`,
+//!   `mig`. `events` takes every event type away; `clock_events` only the clock-change one
+//!   (`nvmlEventTypeClock`, see below): `nvmlDeviceGetSupportedEventTypes` leaves its bit out
+//!   and `nvmlDeviceRegisterEvents` with it returns `NVML_ERROR_NOT_SUPPORTED`.
 //! - **`nvlinks`**: `nvmlDeviceGetNvLinkState` and `nvmlDeviceGetNvLinkErrorCounter` (DL
 //!   replay, recovery, CRC flit, CRC data) per link; links past the list are
 //!   `NVML_ERROR_INVALID_ARGUMENT`, and a device with none answers `NVML_ERROR_NOT_SUPPORTED`.
@@ -106,6 +109,12 @@
 //!   `ecc_double_bit`). `device_lost` makes every later call on the device return
 //!   `NVML_ERROR_GPU_IS_LOST`, and `nvmlEventSetWait_v2` return it once per event set; the
 //!   device's events after its loss are never delivered (those at the same moment are).
+//! - **Clock events** come from the timeline, not from `events`: a set the device was
+//!   registered in for `nvmlEventTypeClock` (0x10) gets one (event data 0) at each `at_s` > 0
+//!   where a timeline entry changes the active `throttle_reasons` (as a set: an entry repeating
+//!   the current reasons is no change), in time order with the device's other events and under
+//!   the same rules (registered before `at_s`, none after the device's loss). Supported unless
+//!   `not_supported` lists `clock_events` (or `events`).
 //! - **`init_error`** is a whole-library fault: `nvmlInit_v2` returns `driver_not_loaded`
 //!   (`NVML_ERROR_DRIVER_NOT_LOADED`), `lib_rm_version_mismatch` (driver and library versions
 //!   differ, `NVML_ERROR_LIB_RM_VERSION_MISMATCH`), `no_permission` or `unknown`.
@@ -191,8 +200,17 @@ struct Session {
 struct EventSetState {
     /// (device index, event types, seconds since init) registered in the set.
     registrations: Vec<(usize, u64, f64)>,
-    /// (device index, event index in the scenario) already delivered.
-    delivered: Vec<(usize, usize)>,
+    /// (device index, where the event comes from) already delivered.
+    delivered: Vec<(usize, Source)>,
+}
+
+/// Where an event of a device comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Its `events` entry with this index.
+    Event(usize),
+    /// A change of the active clock-event reasons at its timeline entry with this index.
+    Clock(usize),
 }
 
 impl Session {
@@ -489,12 +507,7 @@ device_getter!(
     nvmlDeviceGetCurrentClocksThrottleReasons,
     Some(Capability::ThrottleReasons),
     c_ulonglong,
-    |view| view
-        .values
-        .throttle_reasons
-        .iter()
-        .flatten()
-        .fold(0, |bits, reason| bits | reason.bit())
+    |view| scenario::throttle_bits(&view.values)
 );
 device_getter!(
     nvmlDeviceGetSupportedClocksThrottleReasons,
@@ -512,8 +525,17 @@ device_getter!(
     nvmlDeviceGetSupportedEventTypes,
     Some(Capability::Events),
     c_ulonglong,
-    |_view| SUPPORTED_EVENTS
+    |view| supported_events(view.device)
 );
+
+/// The event types `device` supports (once `events` is known to be).
+fn supported_events(device: &scenario::Device) -> u64 {
+    if device.not_supported.contains(&Capability::ClockEvents) {
+        SUPPORTED_EVENTS & !EVENT_CLOCK
+    } else {
+        SUPPORTED_EVENTS
+    }
+}
 
 #[unsafe(no_mangle)]
 unsafe extern "C" fn nvmlDeviceGetUUID(
@@ -1084,8 +1106,8 @@ extern "C" fn nvmlDeviceRegisterEvents(
     types: c_ulonglong,
     set: nvmlEventSet_t,
 ) -> nvmlReturn_t {
-    let checked = with_device(device, Some(Capability::Events), |_view| {
-        if types & !SUPPORTED_EVENTS != 0 {
+    let checked = with_device(device, Some(Capability::Events), |view| {
+        if types & !supported_events(view.device) != 0 {
             NOT_SUPPORTED
         } else {
             SUCCESS
@@ -1118,44 +1140,63 @@ fn next_due(session: &mut Session, set: usize) -> Option<Due> {
     let elapsed_s = session.elapsed_s();
     let devices = &session.scenario.devices;
     let state = session.event_sets.get_mut(set)?.as_mut()?;
-    let mut earliest: Option<(f64, usize, usize)> = None;
+    let mut earliest: Option<(f64, usize, Source)> = None;
     for &(device_index, types, registered_at_s) in &state.registrations {
         let device = &devices[device_index];
         let lost_at = device.lost_at_s();
-        for (event_index, event) in device.events.iter().enumerate() {
-            let wanted = match event.kind {
+        let scenario_events = device
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(_, event)| match event.kind {
                 EventKind::Xid => types & EVENT_XID != 0,
                 EventKind::EccSingleBit => types & EVENT_SINGLE_BIT_ECC != 0,
                 EventKind::EccDoubleBit => types & EVENT_DOUBLE_BIT_ECC != 0,
                 EventKind::DeviceLost => lost_at == Some(event.at_s),
-            };
-            let after_loss = event.kind != EventKind::DeviceLost
-                && lost_at.is_some_and(|lost| lost < event.at_s);
-            if !wanted
-                || after_loss
-                || event.at_s < registered_at_s
-                || state.delivered.contains(&(device_index, event_index))
+            })
+            .map(|(index, event)| {
+                let lost = event.kind == EventKind::DeviceLost;
+                (event.at_s, Source::Event(index), lost)
+            });
+        let clock_changes = if types & EVENT_CLOCK != 0 {
+            device.clock_changes()
+        } else {
+            Vec::new()
+        };
+        let clock_events = clock_changes
+            .into_iter()
+            .map(|(at_s, entry)| (at_s, Source::Clock(entry), false));
+        for (at_s, source, is_loss) in scenario_events.chain(clock_events) {
+            let after_loss = !is_loss && lost_at.is_some_and(|lost| lost < at_s);
+            if after_loss
+                || at_s < registered_at_s
+                || state.delivered.contains(&(device_index, source))
             {
                 continue;
             }
-            if earliest.is_none_or(|(at, _, _)| event.at_s < at) {
-                earliest = Some((event.at_s, device_index, event_index));
+            if earliest.is_none_or(|(at, _, _)| at_s < at) {
+                earliest = Some((at_s, device_index, source));
             }
         }
     }
-    let Some((at_s, device_index, event_index)) = earliest else {
+    let Some((at_s, device_index, source)) = earliest else {
         return Some(Due::Later(None));
     };
     if at_s > elapsed_s {
         return Some(Due::Later(Some(Duration::from_secs_f64(at_s - elapsed_s))));
     }
-    state.delivered.push((device_index, event_index));
-    let event = &devices[device_index].events[event_index];
-    let (event_type, data) = match event.kind {
-        EventKind::Xid => (EVENT_XID, event.xid.unwrap_or(0)),
-        EventKind::EccSingleBit => (EVENT_SINGLE_BIT_ECC, 0),
-        EventKind::EccDoubleBit => (EVENT_DOUBLE_BIT_ECC, 0),
-        EventKind::DeviceLost => return Some(Due::Lost),
+    state.delivered.push((device_index, source));
+    let (event_type, data) = match source {
+        Source::Clock(_) => (EVENT_CLOCK, 0),
+        Source::Event(event_index) => {
+            let event = &devices[device_index].events[event_index];
+            match event.kind {
+                EventKind::Xid => (EVENT_XID, event.xid.unwrap_or(0)),
+                EventKind::EccSingleBit => (EVENT_SINGLE_BIT_ECC, 0),
+                EventKind::EccDoubleBit => (EVENT_DOUBLE_BIT_ECC, 0),
+                EventKind::DeviceLost => return Some(Due::Lost),
+            }
+        }
     };
     Some(Due::Event(nvmlEventData_t {
         device: handle_of(device_index),

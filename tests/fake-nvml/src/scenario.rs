@@ -124,6 +124,9 @@ pub enum Capability {
     Processes,
     ProcessUtilization,
     Events,
+    /// Clock-change events (`nvmlEventTypeClock`) only: `nvmlDeviceGetSupportedEventTypes`
+    /// leaves the bit out and registering for it fails; the other events are unaffected.
+    ClockEvents,
     Mig,
     RemappedRows,
 }
@@ -230,6 +233,15 @@ impl ThrottleReason {
     }
 }
 
+/// The clock-event reasons of `values` as NVML's bitmask (0 when none is set).
+pub fn throttle_bits(values: &Values) -> u64 {
+    values
+        .throttle_reasons
+        .iter()
+        .flatten()
+        .fold(0, |bits, reason| bits | reason.bit())
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Process {
@@ -305,6 +317,35 @@ impl Device {
         values
     }
 
+    /// The active clock-event (throttle) reasons at `elapsed_s`, as NVML's bitmask.
+    pub fn throttle_bits_at(&self, elapsed_s: f64) -> u64 {
+        throttle_bits(&self.values_at(elapsed_s))
+    }
+
+    /// When the active clock-event reasons change, in time order: each moment after 0 at which
+    /// a timeline entry sets `throttle_reasons` to a set other than the one just before, with
+    /// the index of the (first) entry at that moment.
+    pub fn clock_changes(&self) -> Vec<(f64, usize)> {
+        let mut changes: Vec<(f64, usize)> = Vec::new();
+        for (entry_index, entry) in self.timeline.iter().enumerate() {
+            if entry.at_s <= 0.0
+                || entry.throttle_reasons.is_none()
+                || changes.iter().any(|&(at, _)| at == entry.at_s)
+            {
+                continue;
+            }
+            let mut before = Values::default();
+            for earlier in self.timeline.iter().filter(|e| e.at_s < entry.at_s) {
+                before.apply(earlier);
+            }
+            if throttle_bits(&before) != self.throttle_bits_at(entry.at_s) {
+                changes.push((entry.at_s, entry_index));
+            }
+        }
+        changes.sort_by(|a, b| a.0.total_cmp(&b.0));
+        changes
+    }
+
     /// When the device falls off the bus, if it does.
     pub fn lost_at_s(&self) -> Option<f64> {
         self.events
@@ -332,6 +373,34 @@ mod tests {
         assert_eq!(device.values_at(2.5).gpu_util, Some(90));
         assert_eq!(device.values_at(2.5).power_mw, Some(5000));
         assert_eq!(device.values_at(2.5).temperature_c, None);
+    }
+
+    #[test]
+    fn clock_changes_are_the_moments_the_active_reasons_change() {
+        let device: Device = serde_json::from_str(
+            r#"{"uuid": "GPU-1", "name": "T", "pci_bus_id": "00000000:01:00.0",
+                "memory_total_bytes": 100,
+                "timeline": [{"at_s": 0, "throttle_reasons": ["gpu_idle"]},
+                             {"at_s": 1.5, "throttle_reasons": ["gpu_idle"]},
+                             {"at_s": 2, "throttle_reasons": ["sw_power_cap", "hw_slowdown"]},
+                             {"at_s": 2, "gpu_util": 10},
+                             {"at_s": 2.5, "throttle_reasons": ["hw_slowdown", "sw_power_cap"]},
+                             {"at_s": 3, "throttle_reasons": []},
+                             {"at_s": 1, "gpu_util": 90}]}"#,
+        )
+        .unwrap();
+        assert_eq!(device.clock_changes(), [(2.0, 2), (3.0, 5)]);
+        assert_eq!(device.throttle_bits_at(2.2), 0xc);
+
+        // Reasons set from the start are no change; a first set after 0 is one, unless empty.
+        let device: Device = serde_json::from_str(
+            r#"{"uuid": "GPU-1", "name": "T", "pci_bus_id": "00000000:01:00.0",
+                "memory_total_bytes": 100,
+                "timeline": [{"at_s": 0.5, "throttle_reasons": []},
+                             {"at_s": 1, "throttle_reasons": ["sync_boost"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(device.clock_changes(), [(1.0, 1)]);
     }
 
     #[test]

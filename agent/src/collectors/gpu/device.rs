@@ -29,7 +29,9 @@ use super::{
     NVLINK_ACTIVE_METRIC, NVLINK_ERRORS_METRIC, PCIE_RX_METRIC, PCIE_TX_METRIC,
     PERFORMANCE_STATE_METRIC, POWER_LIMIT_METRIC, POWER_METRIC, REMAPPED_ROWS_METRIC,
     ROW_REMAP_FAILED_METRIC, ROW_REMAP_PENDING_METRIC, TEMPERATURE_METRIC, THROTTLE_REASON_METRIC,
-    UP_METRIC, UTILIZATION_METRIC, value_sample,
+    UP_METRIC, UTILIZATION_METRIC,
+    health::{self, HealthState},
+    value_sample,
 };
 use crate::sample::{Event, Labels, Sample};
 
@@ -68,16 +70,14 @@ pub(super) struct DeviceState {
     pub not_supported: BTreeSet<&'static str>,
     lost: bool,
     supported_throttle_reasons: Option<ThrottleReasons>,
-    last_throttle_reasons: Option<ThrottleReasons>,
     /// NVLinks found in the first pass.
     nvlinks: Option<u32>,
 }
 
-/// What one pass over one device found besides samples.
+/// What one pass over one device found besides samples (its events go to the health state).
 #[derive(Default)]
 pub(super) struct DevicePass {
     pub errors: Vec<String>,
-    pub events: Vec<Event>,
     /// The device answered "GPU is lost" for the first time in this pass.
     pub newly_lost: bool,
 }
@@ -94,7 +94,6 @@ impl DeviceState {
             not_supported: BTreeSet::new(),
             lost: false,
             supported_throttle_reasons: None,
-            last_throttle_reasons: None,
             nvlinks: None,
         })
     }
@@ -145,18 +144,21 @@ impl DeviceState {
         problems
     }
 
-    /// One pass: every supported reading of this device into `out`.
+    /// One pass: every supported reading of this device into `out`; a change of its
+    /// clock-event reasons becomes an event in `health` (unless the health thread reported it
+    /// already).
     pub fn read(
         &mut self,
         nvml: &Nvml,
         pcie: Option<&PcieReading>,
+        health: &Mutex<HealthState>,
         out: &mut Vec<Sample>,
     ) -> DevicePass {
         let mut pass = DevicePass::default();
         let was_lost = self.lost;
         if !self.lost {
             match nvml.device_by_index(self.index) {
-                Ok(device) => self.read_device(nvml, &device, pcie, out, &mut pass),
+                Ok(device) => self.read_device(nvml, &device, pcie, health, out, &mut pass),
                 Err(NvmlError::GpuLost) => self.lost = true,
                 Err(error) => pass
                     .errors
@@ -181,6 +183,7 @@ impl DeviceState {
         nvml: &Nvml,
         device: &Device,
         pcie: Option<&PcieReading>,
+        health: &Mutex<HealthState>,
         out: &mut Vec<Sample>,
         pass: &mut DevicePass,
     ) {
@@ -298,7 +301,7 @@ impl DeviceState {
                 .push(format!("gpu {} pcie_throughput: {error}", read.state.index)),
             None => {}
         }
-        self.read_throttle_reasons(device, &labels, out, pass);
+        self.read_throttle_reasons(device, &labels, health, out, pass);
         let mut read = FieldReader {
             state: self,
             errors: &mut pass.errors,
@@ -427,11 +430,15 @@ impl DeviceState {
     }
 
     /// Each supported clock-event reason as a 0/1 series, and an event when the set of active
-    /// reasons changes between passes.
+    /// reasons differs from the one last recorded, by a pass or by the health thread on an
+    /// NVML clock event (where the device has them, it usually gets there first). The reasons
+    /// are read under the health state's lock, so the two never record them out of order and a
+    /// change is reported once.
     fn read_throttle_reasons(
         &mut self,
         device: &Device,
         labels: &Labels,
+        health: &Mutex<HealthState>,
         out: &mut Vec<Sample>,
         pass: &mut DevicePass,
     ) {
@@ -447,19 +454,18 @@ impl DeviceState {
             return;
         };
         read.state.supported_throttle_reasons = Some(supported);
+        let mut health = health::lock(health);
         let Some(active) = read.field("throttle_reasons", || device.current_throttle_reasons())
         else {
             return;
         };
-        let mut names = Vec::new();
+        health.clock_event_reasons(self.index, supported, active);
+        drop(health);
         for (reason, name) in THROTTLE_REASONS {
             if !supported.contains(reason) {
                 continue;
             }
             let on = active.contains(reason);
-            if on {
-                names.push(name);
-            }
             let mut labels = labels.clone();
             labels.insert("reason".into(), name.into());
             out.push(value_sample(
@@ -468,23 +474,33 @@ impl DeviceState {
                 if on { 1.0 } else { 0.0 },
             ));
         }
-        let before = self.last_throttle_reasons.replace(active);
-        if before.is_some_and(|before| before != active) {
-            let now = if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.join(", ")
-            };
-            pass.events.push(Event::now(
-                "gpu_clock_event_reasons_changed",
-                labels.clone(),
-                format!(
-                    "gpu {} ({}) clock-event reasons now: {now}",
-                    self.index, self.model
-                ),
-            ));
-        }
     }
+}
+
+/// The event for a device whose active clock-event reasons changed to `active` (of those it
+/// supports), whichever path noticed.
+pub(super) fn clock_event_reasons_changed(
+    index: u32,
+    labels: Labels,
+    model: &str,
+    supported: ThrottleReasons,
+    active: ThrottleReasons,
+) -> Event {
+    let names: Vec<&str> = THROTTLE_REASONS
+        .iter()
+        .filter(|(reason, _)| supported.contains(*reason) && active.contains(*reason))
+        .map(|(_, name)| *name)
+        .collect();
+    let now = if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    };
+    Event::now(
+        "gpu_clock_event_reasons_changed",
+        labels,
+        format!("gpu {index} ({model}) clock-event reasons now: {now}"),
+    )
 }
 
 /// MIG devices (one per compute instance) with their GPU and compute instance and memory.

@@ -1,8 +1,14 @@
 //! GPU health events as they happen: XID critical errors, single- and double-bit ECC errors,
-//! and devices falling off the bus, from an NVML event set waited on by a thread of its own.
+//! clock-event (throttle) reason changes, and devices falling off the bus, from an NVML event
+//! set waited on by a thread of its own.
 //!
 //! Each event is queued for the collector's `take_events` the moment NVML reports it, and
 //! bumps a counter (`vigil_gpu_xid_errors_total{xid}`, `vigil_gpu_ecc_error_events_total{type}`).
+//! On an NVML clock event the thread reads the device's active clock-event reasons at once and
+//! reports them if they changed. Devices without clock events (NVML documents them for few
+//! GPUs) have their changes noticed by the collection pass instead; both record the reasons
+//! they read here ([`HealthState::clock_event_reasons`]), so a change is reported once
+//! whichever path sees it first.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,10 +21,18 @@ use std::{
 };
 
 use nvml_wrapper::{
-    Nvml, bitmasks::event::EventTypes, enums::event::XidError, error::NvmlError, event::EventSet,
+    Device, Nvml,
+    bitmasks::{device::ThrottleReasons, event::EventTypes},
+    enums::event::XidError,
+    error::NvmlError,
+    event::EventSet,
 };
 
-use super::{ECC_ERROR_EVENTS_METRIC, XID_ERRORS_METRIC, device::DeviceState, value_sample};
+use super::{
+    ECC_ERROR_EVENTS_METRIC, XID_ERRORS_METRIC,
+    device::{DeviceState, clock_event_reasons_changed},
+    value_sample,
+};
 use crate::sample::{Event, Labels, Sample};
 
 /// How long one wait for events lasts; bounds how long stopping the thread takes, not how
@@ -59,6 +73,8 @@ pub(super) struct HealthState {
     ecc_events: BTreeMap<(u32, &'static str), u64>,
     /// Device labels by index, for the events.
     labels: BTreeMap<u32, (Labels, String)>,
+    /// gpu -> (clock-event reasons it supports, active ones last recorded), by either path.
+    clock_reasons: BTreeMap<u32, (ThrottleReasons, Option<ThrottleReasons>)>,
 }
 
 impl HealthState {
@@ -110,6 +126,47 @@ impl HealthState {
         ));
     }
 
+    /// Records the clock-event reasons active on device `index`, just read (with this state
+    /// locked, so readings are recorded in the order they were taken); an event when they
+    /// differ from those recorded before. The first recording is the baseline.
+    pub fn clock_event_reasons(
+        &mut self,
+        index: u32,
+        supported: ThrottleReasons,
+        active: ThrottleReasons,
+    ) {
+        let (known, last) = self.clock_reasons.entry(index).or_insert((supported, None));
+        *known = supported;
+        let before = last.replace(active);
+        if before.is_none_or(|before| before == active) {
+            return;
+        }
+        let (labels, model) = self.labels.get(&index).cloned().unwrap_or_default();
+        self.events.push(clock_event_reasons_changed(
+            index, labels, &model, supported, active,
+        ));
+    }
+
+    /// An NVML clock event on device `index`: reads its active clock-event reasons now.
+    fn clock_changed(&mut self, index: u32, device: &Device) {
+        let Some(&(supported, _)) = self.clock_reasons.get(&index) else {
+            return;
+        };
+        match device.current_throttle_reasons() {
+            Ok(active) => self.clock_event_reasons(index, supported, active),
+            Err(NvmlError::GpuLost) => {
+                let labels = self.labels.get(&index).cloned().unwrap_or_default().0;
+                self.device_lost(index, labels, "the health-event thread");
+            }
+            // The next pass reads them too, and says in the status why it could not.
+            Err(error) => tracing::debug!(
+                gpu = index,
+                "clock event, but the clock-event reasons could not be read: {}",
+                crate::collectors::error_chain(&error)
+            ),
+        }
+    }
+
     /// The health counters: XIDs seen, and ECC error events per type (0 until one happens).
     pub fn samples(&self, devices: &[DeviceState], out: &mut Vec<Sample>) {
         for device in devices {
@@ -151,16 +208,36 @@ pub(super) struct HealthWatcher {
     pub start_error: Option<String>,
 }
 
-/// The events watched, where a device supports them.
+/// The error events watched, where a device supports them.
 fn wanted_events() -> EventTypes {
     EventTypes::CRITICAL_XID_ERROR
         | EventTypes::SINGLE_BIT_ECC_ERROR
         | EventTypes::DOUBLE_BIT_ECC_ERROR
 }
 
+/// Records the baseline of a device's clock-event reasons; whether it could be read (and so
+/// whether its clock events are worth watching).
+fn clock_baseline(nvml: &Nvml, index: u32, state: &mut HealthState) -> bool {
+    let reasons = nvml.device_by_index(index).and_then(|device| {
+        Ok((
+            device.supported_throttle_reasons()?,
+            device.current_throttle_reasons()?,
+        ))
+    });
+    match reasons {
+        Ok((supported, active)) => {
+            state.clock_event_reasons(index, supported, active);
+            true
+        }
+        // The pass finds out, and says so in the status where it matters.
+        Err(_) => false,
+    }
+}
+
 impl HealthWatcher {
-    /// Registers every device for the health events it supports (devices with none get
-    /// `events` in their not-supported list) and starts waiting for them.
+    /// Registers every device for the health events it supports (devices with no error events
+    /// get `events` in their not-supported list; clock events are watched where supported, and
+    /// left to the collection pass elsewhere without a word) and starts waiting for them.
     pub fn start(
         nvml: Arc<Nvml>,
         devices: &mut [DeviceState],
@@ -169,6 +246,8 @@ impl HealthWatcher {
         let mut registrations = Vec::new();
         {
             let mut state = lock(&shared);
+            // From an earlier NVML, if any: its readings say nothing about this one's devices.
+            state.clock_reasons.clear();
             for device in devices.iter_mut() {
                 state
                     .labels
@@ -177,10 +256,21 @@ impl HealthWatcher {
                     .device_by_index(device.index)
                     .and_then(|d| d.supported_event_types());
                 match supported {
-                    Ok(types) if types.intersects(wanted_events()) => {
-                        registrations.push((device.index, types & wanted_events()));
+                    Ok(types) => {
+                        let mut watched = types & wanted_events();
+                        if watched.is_empty() {
+                            device.not_supported.insert("events");
+                        }
+                        if types.contains(EventTypes::CLOCK_CHANGE)
+                            && clock_baseline(&nvml, device.index, &mut state)
+                        {
+                            watched |= EventTypes::CLOCK_CHANGE;
+                        }
+                        if !watched.is_empty() {
+                            registrations.push((device.index, watched));
+                        }
                     }
-                    Ok(_) | Err(NvmlError::NotSupported) => {
+                    Err(NvmlError::NotSupported) => {
                         device.not_supported.insert("events");
                     }
                     Err(error) => {
@@ -318,6 +408,9 @@ fn watch(
                 }
                 if data.event_type.contains(EventTypes::DOUBLE_BIT_ECC_ERROR) {
                     state.ecc(index, "double_bit");
+                }
+                if data.event_type.contains(EventTypes::CLOCK_CHANGE) {
+                    state.clock_changed(index, &data.device);
                 }
             }
             Err(NvmlError::Timeout) => {}

@@ -3,11 +3,12 @@
 //!
 //! Each collection pass reads every device's gauges and counters (`device.rs`) and the GPU
 //! processes of the tracked model servers (`processes.rs`); health events (XID errors, ECC,
-//! a device falling off the bus) arrive on a thread of their own (`health.rs`) and become
-//! events the moment NVML reports them. Without a driver the collector says why in its status
-//! and retries NVML init at a slow interval, so a driver installed or reloaded later is picked
-//! up without restarting the agent; for the same reason it starts NVML afresh (at that interval)
-//! when every GPU has fallen off the bus.
+//! clock-event reason changes, a device falling off the bus) arrive on a thread of their own
+//! (`health.rs`) and become events the moment NVML reports them (clock-event reason changes of
+//! devices without NVML clock events are noticed by the pass instead). Without a driver the
+//! collector says why in its status and retries NVML init at a slow interval, so a driver
+//! installed or reloaded later is picked up without restarting the agent; for the same reason
+//! it starts NVML afresh (at that interval) when every GPU has fallen off the bus.
 
 mod device;
 mod health;
@@ -291,7 +292,7 @@ impl GpuCollector {
                 device.mark_lost();
             }
             let reading = pcie.get(device.index as usize).and_then(Option::as_ref);
-            let pass = device.read(&running.nvml, reading, &mut samples);
+            let pass = device.read(&running.nvml, reading, &self.health, &mut samples);
             self.pass_errors.extend(pass.errors);
             if pass.newly_lost {
                 health::lock(&self.health).device_lost(
@@ -300,7 +301,6 @@ impl GpuCollector {
                     "a collection pass",
                 );
             }
-            self.events.extend(pass.events);
         }
         running.processes.read(
             &running.nvml,
