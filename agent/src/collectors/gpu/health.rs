@@ -17,7 +17,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nvml_wrapper::{
@@ -36,7 +36,8 @@ use super::{
 use crate::sample::{Event, Labels, Sample};
 
 /// How long one wait for events lasts; bounds how long stopping the thread takes, not how
-/// late an event is (a wait returns as soon as one arrives).
+/// late an event is (a wait returns as soon as one arrives). Also how often the clock-event
+/// reasons of devices without clock events are read, so their changes are that late at most.
 const WAIT_MS: u32 = 200;
 
 /// What the common XIDs mean, in a few words (NVIDIA's XID catalog has the rest).
@@ -244,6 +245,9 @@ impl HealthWatcher {
         shared: Arc<Mutex<HealthState>>,
     ) -> Self {
         let mut registrations = Vec::new();
+        // Devices whose clock-event reasons the thread reads itself every WAIT_MS, because they
+        // send no clock events (every GPU since Kepler, says nvml.h).
+        let mut polled = Vec::new();
         {
             let mut state = lock(&shared);
             // From an earlier NVML, if any: its readings say nothing about this one's devices.
@@ -261,10 +265,12 @@ impl HealthWatcher {
                         if watched.is_empty() {
                             device.not_supported.insert("events");
                         }
-                        if types.contains(EventTypes::CLOCK_CHANGE)
-                            && clock_baseline(&nvml, device.index, &mut state)
-                        {
-                            watched |= EventTypes::CLOCK_CHANGE;
+                        if clock_baseline(&nvml, device.index, &mut state) {
+                            if types.contains(EventTypes::CLOCK_CHANGE) {
+                                watched |= EventTypes::CLOCK_CHANGE;
+                            } else {
+                                polled.push(device.index);
+                            }
                         }
                         if !watched.is_empty() {
                             registrations.push((device.index, watched));
@@ -272,6 +278,9 @@ impl HealthWatcher {
                     }
                     Err(NvmlError::NotSupported) => {
                         device.not_supported.insert("events");
+                        if clock_baseline(&nvml, device.index, &mut state) {
+                            polled.push(device.index);
+                        }
                     }
                     Err(error) => {
                         state.error = Some(format!(
@@ -287,7 +296,7 @@ impl HealthWatcher {
         let thread_stop = Arc::clone(&stop);
         let spawned = std::thread::Builder::new()
             .name("vigil-gpu-health".into())
-            .spawn(move || watch(&nvml, registrations, &shared, &thread_stop));
+            .spawn(move || watch(&nvml, registrations, polled, &shared, &thread_stop));
         match spawned {
             Ok(thread) => Self {
                 stop,
@@ -358,13 +367,28 @@ fn device_labels(shared: &Mutex<HealthState>, index: u32) -> Labels {
         .unwrap_or_default()
 }
 
+/// Reads the clock-event reasons of the `polled` devices, which send no clock events.
+fn poll_clock_event_reasons(nvml: &Nvml, polled: &[u32], shared: &Mutex<HealthState>) {
+    for &index in polled {
+        if let Ok(device) = nvml.device_by_index(index) {
+            lock(shared).clock_changed(index, &device);
+        }
+    }
+}
+
 fn watch(
     nvml: &Nvml,
     registrations: Vec<(u32, EventTypes)>,
+    polled: Vec<u32>,
     shared: &Mutex<HealthState>,
     stop: &AtomicBool,
 ) {
     if registrations.is_empty() {
+        // Nothing to wait on: only the clock-event reasons to poll.
+        while !polled.is_empty() && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(WAIT_MS.into()));
+            poll_clock_event_reasons(nvml, &polled, shared);
+        }
         return;
     }
     let mut set = match event_set(nvml, &registrations, shared) {
@@ -377,6 +401,7 @@ fn watch(
             return;
         }
     };
+    let mut polled_at = Instant::now();
     // Events name their device by handle. Asking NVML for its index fails once the device is
     // lost, which is exactly when its last XID (79) matters, so compare handles instead.
     let handles: Vec<(usize, u32)> = registrations
@@ -388,6 +413,10 @@ fn watch(
         })
         .collect();
     while !stop.load(Ordering::Relaxed) {
+        if polled_at.elapsed() >= Duration::from_millis(WAIT_MS.into()) {
+            poll_clock_event_reasons(nvml, &polled, shared);
+            polled_at = Instant::now();
+        }
         match set.wait(WAIT_MS) {
             Ok(data) => {
                 // SAFETY: as above, only compared.
