@@ -1,0 +1,17 @@
+//! Vigil's aggregator: agents stream batches over gRPC ([`ingest`]); each accepted batch is
+//! appended to a write-ahead log and fsynced before it is acked, then kept in the in-memory
+//! [`storage::Store`]. [`security`] decides who may connect and write, and audits it.
+//! [`server::start`] runs it all in-process (the binary is a thin wrapper around it).
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod ingest;
+pub mod security;
+pub mod server;
+pub mod storage;
+
+pub use config::AggregatorConfig;
+pub use ingest::counters::CountersSnapshot;
+pub use server::{RunningAggregator, StartError, start};
+pub use storage::{Point, PointValue, SeriesRef, Store, StoredSeries};

@@ -1,0 +1,329 @@
+//! Starting and stopping the aggregator: checks the config's security choices, replays the
+//! write-ahead log into the store, and serves `Ingest` over gRPC until told to stop.
+
+use std::{fs::File, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
+use vigil_proto::v1::ingest_server::IngestServer;
+
+use crate::{
+    config::AggregatorConfig,
+    ingest::{
+        IngestService, IngestShared,
+        admission::Limits,
+        counters::{CountersSnapshot, IngestCounters},
+    },
+    security::{
+        AuditLog, Authenticator, TokenTable, connection::accept_loop, tls, tokens::TokensError,
+    },
+    storage::{ReplayReport, Store, Wal, WalError},
+};
+
+/// How long a shutdown waits for streams to close before cutting them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the aggregator cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Insecure(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Tokens(#[from] TokensError),
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error(
+        "data directory {path} is in use by another aggregator (lock held on its LOCK file); \
+         stop that one or choose another --data-dir"
+    )]
+    DataDirInUse { path: PathBuf },
+    #[error("cannot open {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open audit log {path}: {source}")]
+    Audit {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} (grpc.listen / --grpc-listen): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running aggregator.
+pub struct RunningAggregator {
+    grpc_addr: SocketAddr,
+    store: Arc<Store>,
+    counters: Arc<IngestCounters>,
+    replay: ReplayReport,
+    audit_path: PathBuf,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    wal: Arc<Wal>,
+    _lock: File,
+}
+
+impl RunningAggregator {
+    /// The address the gRPC server listens on (the real port when the config said 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// What is stored.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The ingest counters now.
+    pub fn counters(&self) -> CountersSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// What the write-ahead log replay found at startup.
+    pub fn replay_report(&self) -> &ReplayReport {
+        &self.replay
+    }
+
+    pub fn audit_path(&self) -> &std::path::Path {
+        &self.audit_path
+    }
+
+    /// Runs until the server fails or [`RunningAggregator::shutdown`] is called elsewhere.
+    pub async fn serve_until(
+        mut self,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        tokio::select! {
+            _ = stop => {}
+            result = &mut self.server => {
+                return result.unwrap_or(Ok(()));
+            }
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Ends every stream with `unavailable`, stops accepting, flushes and closes the log.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("streams still open after {SHUTDOWN_GRACE:?}; cutting them");
+            self.server.abort();
+            let _ = (&mut self.server).await;
+        }
+        // Connections hold the service and with it the log: wait until they are gone.
+        for _ in 0..100 {
+            if Arc::strong_count(&self.wal) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Checks the security choices, replays the log, binds and starts serving.
+pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, StartError> {
+    let acceptor = check_security(config)?;
+    let tokens = config
+        .auth
+        .tokens_file
+        .as_deref()
+        .map(TokenTable::load)
+        .transpose()?;
+    if let Some(http) = config.http.listen {
+        tracing::warn!(
+            "http.listen = {http} is reserved: this version serves no HTTP yet (query API and \
+             /metrics come with the storage and query issues)"
+        );
+    }
+
+    let wal_dir = config.data_dir.join("wal");
+    std::fs::create_dir_all(&wal_dir).map_err(|source| StartError::DataDir {
+        path: wal_dir.clone(),
+        source,
+    })?;
+    let lock_path = wal_dir.join("LOCK");
+    let lock = File::create(&lock_path).map_err(|source| StartError::DataDir {
+        path: lock_path.clone(),
+        source,
+    })?;
+    if lock.try_lock().is_err() {
+        return Err(StartError::DataDirInUse {
+            path: config.data_dir.clone(),
+        });
+    }
+
+    let store = Arc::new(Store::new());
+    let (wal, replay) = {
+        let mut state = store.lock();
+        Wal::open(&wal_dir, config.wal.segment_bytes, |record| {
+            state.apply(&record, Default::default())
+        })?
+    };
+    if replay.records > 0 || replay.torn_tail.is_some() {
+        tracing::info!(
+            "replayed {} write-ahead log records from {} segments",
+            replay.records,
+            replay.segments
+        );
+    }
+
+    let audit_path = config.audit_path();
+    let audit = Arc::new(
+        AuditLog::open(&audit_path).map_err(|source| StartError::Audit {
+            path: audit_path.clone(),
+            source,
+        })?,
+    );
+    let listener = TcpListener::bind(config.grpc.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.grpc.listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.grpc.listen,
+        source,
+    })?;
+
+    let counters = Arc::new(IngestCounters::default());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let wal = Arc::new(wal);
+    let service = IngestService(Arc::new(IngestShared {
+        store: store.clone(),
+        wal: wal.clone(),
+        counters: counters.clone(),
+        limits: Limits {
+            max_series_per_node: config.limits.max_series_per_node,
+            retention_ms: config.limits.retention.as_millis() as i64,
+            max_future_skew_ms: config.limits.max_future_skew.as_millis() as i64,
+        },
+        authenticator: Authenticator {
+            tokens,
+            client_certificates: config.tls.client_ca_file.is_some(),
+        },
+        audit: audit.clone(),
+        hello_timeout: config.grpc.hello_timeout,
+        max_message_bytes: config.grpc.max_message_bytes,
+        shutdown: shutdown_rx.clone(),
+    }));
+    let grpc = IngestServer::new(service)
+        .max_decoding_message_size(config.grpc.max_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd);
+
+    let (connections_tx, connections_rx) = mpsc::channel(64);
+    tokio::spawn(accept_loop(
+        listener,
+        acceptor,
+        connections_tx,
+        audit,
+        counters.clone(),
+        shutdown_rx.clone(),
+    ));
+    let mut stop = shutdown_rx;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(ReceiverStream::new(connections_rx), async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            }),
+    );
+    tracing::info!(
+        "gRPC ingest listening on {grpc_addr} ({})",
+        if config.tls.plaintext {
+            "plaintext"
+        } else {
+            "TLS"
+        }
+    );
+    Ok(RunningAggregator {
+        grpc_addr,
+        store,
+        counters,
+        replay,
+        audit_path,
+        shutdown,
+        server,
+        wal,
+        _lock: lock,
+    })
+}
+
+/// TLS unless plaintext was chosen; plaintext or no authentication only on loopback unless
+/// forced.
+fn check_security(config: &AggregatorConfig) -> Result<Option<TlsAcceptor>, StartError> {
+    let tls_config = &config.tls;
+    let insecure = |what: &str| {
+        if config.grpc.listen.ip().is_loopback() || tls_config.allow_insecure_non_loopback {
+            Ok(())
+        } else {
+            Err(StartError::Insecure(format!(
+                "{what} on non-loopback address {}: anyone who reaches it could write as any \
+                 node; listen on 127.0.0.1, configure TLS and tokens, or set \
+                 tls.allow_insecure_non_loopback = true",
+                config.grpc.listen
+            )))
+        }
+    };
+    let acceptor = match (
+        &tls_config.cert_file,
+        &tls_config.key_file,
+        tls_config.plaintext,
+    ) {
+        (Some(_), Some(_), true) => {
+            return Err(StartError::Insecure(
+                "tls.plaintext = true and a TLS certificate are both configured; choose one".into(),
+            ));
+        }
+        (Some(cert), Some(key), false) => {
+            let server = tls::server_config(cert, key, tls_config.client_ca_file.as_deref())?;
+            Some(TlsAcceptor::from(Arc::new(server)))
+        }
+        (Some(_), None, _) | (None, Some(_), _) => {
+            return Err(StartError::Insecure(
+                "tls.cert_file and tls.key_file go together; set both".into(),
+            ));
+        }
+        (None, None, false) => {
+            return Err(StartError::Insecure(
+                "no TLS certificate configured: set tls.cert_file and tls.key_file, or \
+                 tls.plaintext = true to serve without TLS (loopback only unless \
+                 tls.allow_insecure_non_loopback = true)"
+                    .into(),
+            ));
+        }
+        (None, None, true) => {
+            if tls_config.client_ca_file.is_some() {
+                return Err(StartError::Insecure(
+                    "tls.client_ca_file needs TLS (tls.cert_file and tls.key_file)".into(),
+                ));
+            }
+            insecure("plaintext gRPC")?;
+            None
+        }
+    };
+    if config.auth.tokens_file.is_none() && tls_config.client_ca_file.is_none() {
+        insecure("no authentication (neither auth.tokens_file nor tls.client_ca_file)")?;
+    }
+    Ok(acceptor)
+}
