@@ -11,6 +11,7 @@ use crate::{
         gpu::GpuConfig, host::HostConfig, process::ProcessConfig, syscalls::SyscallsConfig,
     },
     selection::SelectionConfig,
+    transport::TransportConfig,
 };
 
 /// Where `vigil-agent` looks for its config when `--config` is not given.
@@ -31,6 +32,8 @@ pub struct AgentConfig {
     pub host: HostConfig,
     /// Container and Kubernetes pod labels for model-server processes (`[attribution]`).
     pub attribution: AttributionConfig,
+    /// Streaming to the aggregator for `vigil-agent run` (`[transport]`).
+    pub transport: TransportConfig,
 }
 
 #[derive(Debug, thiserror::Error)]

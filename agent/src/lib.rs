@@ -11,3 +11,4 @@ pub mod pass;
 pub mod sample;
 pub mod selection;
 pub mod snapshot;
+pub mod transport;

@@ -14,10 +14,11 @@ use vigil_agent::{
         error_chain,
         syscalls::{SyscallLatencyCollector, SyscallsConfig, attach_empty_programs},
     },
-    config::AgentConfig,
+    config::{AgentConfig, DEFAULT_CONFIG_PATH},
     pass::CollectionPass,
     selection::ModelServerProcess,
     snapshot::take_snapshot,
+    transport::run_agent,
 };
 
 #[derive(Parser)]
@@ -33,6 +34,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run as the node's agent: collect on a wall-clock-aligned interval and stream batches to
+    /// the aggregator (`[transport]`), keeping them in an on-disk spool until acked. Stops on
+    /// SIGTERM or SIGINT.
+    Run {
+        /// Config file.
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Also track processes whose comm, executable or command line matches this regex
+        /// (repeatable).
+        #[arg(long, value_name = "REGEX")]
+        track: Vec<String>,
+        /// NVML library to load (overrides gpu.nvml_library; default libnvidia-ml.so.1).
+        #[arg(long, value_name = "PATH")]
+        nvml_library: Option<String>,
+    },
     /// Collect for a while, then print what was seen as one document.
     Snapshot {
         /// How long to collect, e.g. `10s`, `500ms`, `1m`.
@@ -108,6 +124,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run {
+            config,
+            track,
+            nvml_library,
+        } => run(&config, nvml_library, &track),
         Command::Snapshot {
             duration,
             track,
@@ -132,6 +153,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run(
+    config: &std::path::Path,
+    nvml_library: Option<String>,
+    track: &[String],
+) -> Result<(), String> {
+    let mut config = AgentConfig::from_file(config).map_err(|e| error_chain(&e))?;
+    if let Some(path) = nvml_library {
+        config.gpu.nvml_library = path;
+    }
+    run_agent(&config, track).map_err(|e| error_chain(&e))
 }
 
 fn snapshot(

@@ -1,0 +1,199 @@
+//! A fake aggregator for the transport tests: an in-process `Ingest` server that records what
+//! it receives, stores each batch once and acks, with a few scripted misbehaviours.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream, wrappers::TcpListenerStream};
+use tonic::{
+    Request, Response, Status, Streaming, codec::CompressionEncoding, transport::ServerTlsConfig,
+};
+use vigil_proto::v1::{
+    Ack, AgentMessage, AggregatorMessage, Batch, Hello, Rejection, agent_message,
+    aggregator_message,
+    ingest_server::{Ingest, IngestServer},
+    rejection::Reason,
+};
+
+/// What the fake aggregator does with what it receives.
+#[derive(Clone, Copy)]
+pub enum Behaviour {
+    /// Store and ack every batch.
+    AckAll,
+    /// On the first connection, ack batches up to `ack_until`, then break the stream when
+    /// batch `break_at` arrives (without storing it); ack everything on later connections.
+    BreakFirstStream { ack_until: u64, break_at: u64 },
+    /// Lose the series declarations after storing batch 1 (as an aggregator that lost its
+    /// series dictionary) and reject samples of undeclared series with UNKNOWN_SERIES.
+    ForgetFirstDeclarations,
+}
+
+#[derive(Default)]
+pub struct Record {
+    pub hellos: Vec<Hello>,
+    pub authorization: Vec<Option<String>>,
+    /// Per connection, whether the client presented a certificate (mutual TLS).
+    pub client_certificates: Vec<bool>,
+    /// Per connection, the sequences received in order.
+    pub received: Vec<Vec<u64>>,
+    /// Stored batches by sequence, each stored once.
+    pub stored: BTreeMap<u64, Batch>,
+    pub declared: HashSet<u64>,
+    pub rejections: Vec<(u64, Vec<u64>)>,
+}
+
+#[derive(Clone)]
+struct FakeAggregator {
+    behaviour: Behaviour,
+    record: Arc<Mutex<Record>>,
+}
+
+#[tonic::async_trait]
+impl Ingest for FakeAggregator {
+    type StreamStream = Pin<Box<dyn Stream<Item = Result<AggregatorMessage, Status>> + Send>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let connection = {
+            let mut record = self.record.lock().unwrap();
+            record.authorization.push(
+                request
+                    .metadata()
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap().to_string()),
+            );
+            record
+                .client_certificates
+                .push(request.peer_certs().is_some_and(|c| !c.is_empty()));
+            record.received.push(Vec::new());
+            record.received.len() - 1
+        };
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(1024);
+        let record = self.record.clone();
+        let behaviour = self.behaviour;
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                let batch = match message.body {
+                    Some(agent_message::Body::Hello(hello)) => {
+                        record.lock().unwrap().hellos.push(hello);
+                        continue;
+                    }
+                    Some(agent_message::Body::Batch(batch)) => batch,
+                    None => continue,
+                };
+                let sequence = batch.sequence;
+                let mut answers = Vec::new();
+                let mut break_stream = false;
+                {
+                    let mut record = record.lock().unwrap();
+                    record.received[connection].push(sequence);
+                    if let Behaviour::BreakFirstStream { break_at, .. } = behaviour
+                        && connection == 0
+                        && sequence == break_at
+                    {
+                        break_stream = true;
+                    }
+                    if !break_stream {
+                        let ids: Vec<u64> = batch.series.iter().map(|s| s.id).collect();
+                        record.declared.extend(ids);
+                    }
+                    if matches!(behaviour, Behaviour::ForgetFirstDeclarations) {
+                        let unknown: Vec<u64> = batch
+                            .samples
+                            .iter()
+                            .map(|s| s.series_id)
+                            .filter(|id| !record.declared.contains(id))
+                            .collect();
+                        if !unknown.is_empty() {
+                            record.rejections.push((sequence, unknown.clone()));
+                            answers.push(aggregator_message::Body::Rejection(Rejection {
+                                sequence,
+                                reason: Reason::UnknownSeries as i32,
+                                message: "declare your series again".into(),
+                                rejected_samples: unknown.len() as u32,
+                                series_ids: unknown,
+                            }));
+                        }
+                        if sequence == 1 {
+                            record.declared.clear();
+                        }
+                    }
+                    // Resends of stored batches are recognised and not stored twice.
+                    if !break_stream {
+                        record.stored.entry(sequence).or_insert(batch);
+                    }
+                    let ack = match behaviour {
+                        Behaviour::BreakFirstStream { ack_until, .. } if connection == 0 => {
+                            (sequence <= ack_until).then_some(sequence)
+                        }
+                        _ => Some(sequence),
+                    };
+                    if let Some(sequence) = ack {
+                        answers.push(aggregator_message::Body::Ack(Ack { sequence }));
+                    }
+                }
+                if break_stream {
+                    let _ = tx.send(Err(Status::unavailable("fake restart"))).await;
+                    return;
+                }
+                for body in answers {
+                    if tx
+                        .send(Ok(AggregatorMessage { body: Some(body) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+pub async fn start_aggregator(
+    address: SocketAddr,
+    behaviour: Behaviour,
+) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
+    start_aggregator_with_tls(address, behaviour, None).await
+}
+
+pub async fn start_aggregator_with_tls(
+    address: SocketAddr,
+    behaviour: Behaviour,
+    tls: Option<ServerTlsConfig>,
+) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+    let record = Arc::new(Mutex::new(Record::default()));
+    let service = IngestServer::new(FakeAggregator {
+        behaviour,
+        record: record.clone(),
+    })
+    .accept_compressed(CompressionEncoding::Zstd)
+    .accept_compressed(CompressionEncoding::Gzip);
+    let server = tokio::spawn(async move {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).unwrap();
+        }
+        builder
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (record, server)
+}
+
+pub async fn free_address() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
