@@ -42,20 +42,73 @@ struct Setup {
     port: u16,
 }
 
+/// The test PKI of the agent's TLS tests: a CA and a certificate for 127.0.0.1.
+fn pki(file: &str) -> String {
+    format!(
+        "{}/../agent/tests/tls-pki/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+const TOKEN: &str = "vigil-e2e-token-0123456789abcdef";
+
 impl Setup {
+    /// Plaintext on loopback, no authentication.
     fn new() -> Self {
+        Self::with(
+            "[tls]\nplaintext = true\n",
+            "endpoints = [\"http://127.0.0.1:PORT\"]\nplaintext = true\n",
+        )
+    }
+
+    /// TLS, and a bearer token for this node (`agent_token` is what the agent sends).
+    fn tls_with_token(agent_token: &str) -> Self {
+        let setup = Self::with(
+            &format!(
+                "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[auth]\ntokens_file = \"TOKENS\"\n",
+                pki("aggregator.crt"),
+                pki("aggregator.key")
+            ),
+            &format!(
+                "endpoints = [\"https://127.0.0.1:PORT\"]\nca_file = \"{}\"\n\
+                 token_file = \"AGENT_TOKEN\"\n",
+                pki("ca.crt")
+            ),
+        );
+        let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        std::fs::write(
+            setup.path("tokens.toml"),
+            format!(
+                "[[tokens]]\nname = \"e2e-agent\"\ntoken = \"{TOKEN}\"\nrole = \"agent\"\n\
+                 node = \"{}\"\n",
+                node.trim()
+            ),
+        )
+        .unwrap();
+        std::fs::write(setup.path("agent.token"), agent_token).unwrap();
+        setup
+    }
+
+    fn with(aggregator: &str, transport: &str) -> Self {
         let setup = Self {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
         };
-        std::fs::write(setup.path("aggregator.toml"), "[tls]\nplaintext = true\n").unwrap();
+        let fill = |text: &str| {
+            text.replace("PORT", &setup.port.to_string())
+                .replace(
+                    "AGENT_TOKEN",
+                    &setup.path("agent.token").display().to_string(),
+                )
+                .replace("TOKENS", &setup.path("tokens.toml").display().to_string())
+        };
+        std::fs::write(setup.path("aggregator.toml"), fill(aggregator)).unwrap();
         std::fs::write(
             setup.path("agent.toml"),
             format!(
-                "[syscalls]\nenabled = false\n[gpu]\nenabled = false\n\
-                 [transport]\nendpoints = [\"http://127.0.0.1:{}\"]\nplaintext = true\n\
+                "[syscalls]\nenabled = false\n[gpu]\nenabled = false\n[transport]\n{}\
                  spool_dir = \"{}\"\ninterval = \"250ms\"\n",
-                setup.port,
+                fill(transport),
                 setup.path("spool").display()
             ),
         )
@@ -113,6 +166,7 @@ impl Setup {
     /// times of its stored points, and the highest sequence stored for the agent.
     fn stored(&self, instance: &str) -> (Vec<i64>, Option<u64>) {
         let mut config = AggregatorConfig::parse("[tls]\nplaintext = true\n").unwrap();
+        config.audit.path = Some(self.path("replay-audit.log"));
         config.data_dir = self.path("data");
         config.grpc.listen = "127.0.0.1:0".parse().unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -213,4 +267,40 @@ fn an_aggregator_killed_mid_stream_stores_every_batch_once_after_restart() {
     terminate(agent);
     terminate(aggregator);
     assert_stored_exactly_once(&setup);
+}
+
+#[test]
+fn an_agent_streams_over_tls_with_its_token_and_the_aggregator_audits_it() {
+    let setup = Setup::tls_with_token(TOKEN);
+    let aggregator = setup.aggregator();
+    let agent = setup.agent();
+    pause(2000);
+    terminate(agent);
+    terminate(aggregator);
+    assert_stored_exactly_once(&setup);
+    let audit = std::fs::read_to_string(setup.path("data/audit.log")).unwrap();
+    assert!(
+        audit.contains("\"outcome\":\"accepted\"") && audit.contains("token:e2e-agent"),
+        "{audit}"
+    );
+    assert!(!audit.contains(TOKEN), "the token must never be logged");
+}
+
+#[test]
+fn an_agent_with_a_wrong_token_stores_nothing_keeps_its_spool_and_is_audited() {
+    let setup = Setup::tls_with_token("not-the-token-0123456789abcdef");
+    let aggregator = setup.aggregator();
+    let agent = setup.agent();
+    pause(1500);
+    terminate(agent);
+    terminate(aggregator);
+    let (made, acked, _, _) = setup.spool();
+    assert!(made >= 3, "batches are still made and spooled: {made}");
+    assert_eq!(acked, 0);
+    let audit = std::fs::read_to_string(setup.path("data/audit.log")).unwrap();
+    assert!(
+        audit.contains("\"outcome\":\"denied\"") && audit.contains("unauthenticated"),
+        "{audit}"
+    );
+    assert!(!audit.contains("not-the-token"), "tokens are never logged");
 }
