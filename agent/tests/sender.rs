@@ -1,7 +1,8 @@
 //! The sender against an in-process fake aggregator: spooled batches are resent after a
 //! reconnect oldest first, nothing lost and nothing doubled; an aggregator that is down at
 //! start gets everything once it is up; UNKNOWN_SERIES makes the agent declare its series
-//! again. (Cross-process tests against the real `vigil-aggregator` live in tests/.)
+//! again; every stream declares the series it uses, so a failover to another aggregator, a
+//! reconnect and an agent restart store every resent sample. (Cross-process tests against the real `vigil-aggregator` live in tests/.)
 
 mod fake_aggregator;
 
@@ -11,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use fake_aggregator::{Behaviour, free_address, start_aggregator, start_aggregator_with_tls};
+use fake_aggregator::{
+    Behaviour, Record, free_address, start_aggregator, start_aggregator_with_tls,
+    start_strict_aggregator,
+};
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use vigil_agent::{
@@ -49,11 +53,28 @@ fn start_agent_with(
     compression: Compression,
     prefill: u64,
 ) -> Agent {
+    start_agent_in(
+        tempfile::tempdir().unwrap(),
+        endpoints,
+        tls,
+        compression,
+        (1..=prefill).map(numbered_batch).collect(),
+    )
+}
+
+/// An agent on the spool in `dir` (new or left by an earlier agent), with `prefill` spooled
+/// before the sender starts.
+fn start_agent_in(
+    dir: tempfile::TempDir,
+    endpoints: Vec<String>,
+    tls: Option<ClientTlsConfig>,
+    compression: Compression,
+    prefill: Vec<Batch>,
+) -> Agent {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let dir = tempfile::tempdir().unwrap();
     let mut spool = Spool::open(dir.path(), 64 << 20).unwrap();
-    for sequence in 1..=prefill {
-        spool.append(&numbered_batch(sequence)).unwrap();
+    for batch in &prefill {
+        spool.append(batch).unwrap();
     }
     let settings = SenderSettings {
         endpoints,
@@ -122,11 +143,73 @@ impl Agent {
     }
 
     async fn stop(self) {
+        self.stop_keeping_spool().await;
+    }
+
+    /// Stops the sender and closes the spool; returns its directory.
+    async fn stop_keeping_spool(self) -> tempfile::TempDir {
         self.shutdown.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), self.sender)
             .await
             .expect("the sender stops after shutdown")
             .unwrap();
+        assert_eq!(Arc::strong_count(&self.spool), 1, "the sender let go");
+        drop(self.spool);
+        self._dir
+    }
+}
+
+/// Batches 1..=10 of an encoder: series 1-3 (`vigil_a`, `vigil_b`, `vigil_c`) from batch 1,
+/// series 4 (`vigil_d`) from batch 6.
+fn series_batches() -> Vec<Batch> {
+    let mut encoder = BatchEncoder::new(1);
+    (1..=10u64)
+        .map(|sequence| {
+            let names: &[&'static str] = if sequence < 6 {
+                &["vigil_a", "vigil_b", "vigil_c"]
+            } else {
+                &["vigil_a", "vigil_b", "vigil_c", "vigil_d"]
+            };
+            let pass: Vec<Sample> = names
+                .iter()
+                .enumerate()
+                .map(|(i, &name)| Sample {
+                    name,
+                    labels: Labels::from([("gpu".to_string(), i.to_string())]),
+                    value: SampleValue::Value(sequence as f64 * 10.0 + i as f64),
+                })
+                .collect();
+            encoder.encode(sequence, sequence as i64 * 1000, &pass, &[])
+        })
+        .collect()
+}
+
+/// Every sample of `batches` is stored exactly once across `aggregators` (a sequence stored by
+/// one only), with none rejected and no conflicting declaration.
+fn assert_every_sample_stored_once(batches: &[Batch], aggregators: &[&Record]) {
+    for record in aggregators {
+        assert!(record.rejections.is_empty(), "{:?}", record.rejections);
+        assert!(record.conflicts.is_empty(), "{:?}", record.conflicts);
+    }
+    for batch in batches {
+        let stored: Vec<&Batch> = aggregators
+            .iter()
+            .filter_map(|r| r.stored.get(&batch.sequence))
+            .collect();
+        assert_eq!(stored.len(), 1, "batch {} stored once", batch.sequence);
+        assert_eq!(
+            stored[0].samples, batch.samples,
+            "every sample of batch {} stored",
+            batch.sequence
+        );
+    }
+}
+
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "{what} within 20 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -351,5 +434,186 @@ async fn an_aggregator_certificate_from_an_unknown_ca_is_refused() {
     assert_eq!(agent.spool.lock().unwrap().acked(), 0);
     assert!(record.lock().unwrap().hellos.is_empty(), "no stream opened");
     assert_eq!(agent.spool.lock().unwrap().unacked_batches(), 3, "kept");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn failover_to_an_aggregator_that_never_saw_the_declarations_stores_every_resent_sample() {
+    let first = free_address().await;
+    let second = free_address().await;
+    // The first aggregator stores and acks batches 1-4 (which declared series 1-3), then goes
+    // away; the second one never saw those declarations.
+    let (record_first, _first) =
+        start_strict_aggregator(first, Behaviour::FailAfter { ack_until: 4 }).await;
+    let (record_second, _second) = start_strict_aggregator(second, Behaviour::AckAll).await;
+    let batches = series_batches();
+    let agent = start_agent_in(
+        tempfile::tempdir().unwrap(),
+        vec![format!("http://{first}"), format!("http://{second}")],
+        None,
+        Compression::Zstd,
+        batches.clone(),
+    );
+    agent.wait_acked(10).await;
+
+    {
+        let first = record_first.lock().unwrap();
+        let second = record_second.lock().unwrap();
+        assert_eq!(
+            first.stored.keys().copied().collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert!(first.refused >= 1, "the first aggregator went away");
+        assert_eq!(
+            second.stored.keys().copied().collect::<Vec<_>>(),
+            (5..=10).collect::<Vec<_>>()
+        );
+        assert_every_sample_stored_once(&batches, &[&first, &second]);
+        let declared: Vec<(u64, Vec<u64>)> = second.declarations.concat();
+        assert_eq!(
+            declared,
+            [
+                (5, vec![1, 2, 3]),
+                (6, vec![4]),
+                (7, vec![]),
+                (8, vec![]),
+                (9, vec![]),
+                (10, vec![]),
+            ],
+            "each series declared on the stream before its first use, once (batch 6 declares \
+             series 4 itself)"
+        );
+    }
+    assert!(agent.feedback.rejected_samples().is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_reconnect_to_the_same_aggregator_declares_again_harmlessly() {
+    let address = free_address().await;
+    let (record, _server) = start_strict_aggregator(
+        address,
+        Behaviour::BreakFirstStream {
+            ack_until: 4,
+            break_at: 7,
+        },
+    )
+    .await;
+    let batches = series_batches();
+    let agent = start_agent_in(
+        tempfile::tempdir().unwrap(),
+        vec![format!("http://{address}")],
+        None,
+        Compression::Gzip,
+        batches.clone(),
+    );
+    agent.wait_acked(10).await;
+
+    {
+        let record = record.lock().unwrap();
+        assert!(record.received.len() >= 2, "reconnected");
+        assert_every_sample_stored_once(&batches, &[&record]);
+        assert_eq!(
+            record.declarations[0][..6],
+            [
+                (1, vec![1, 2, 3]),
+                (2, vec![]),
+                (3, vec![]),
+                (4, vec![]),
+                (5, vec![]),
+                (6, vec![4]),
+            ]
+        );
+        assert_eq!(
+            record.declarations[1][..2],
+            [(5, vec![1, 2, 3]), (6, vec![4])],
+            "the new stream declares again what it uses (identical: a no-op)"
+        );
+        assert!(
+            record.declarations[1][2..]
+                .iter()
+                .all(|(_, ids)| ids.is_empty())
+        );
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn after_an_agent_restart_resent_batches_carry_their_declarations() {
+    let first = free_address().await;
+    let (record_first, _first) =
+        start_strict_aggregator(first, Behaviour::FailAfter { ack_until: 4 }).await;
+    let batches = series_batches();
+    let agent = start_agent_in(
+        tempfile::tempdir().unwrap(),
+        vec![format!("http://{first}")],
+        None,
+        Compression::Zstd,
+        batches.clone(),
+    );
+    agent.wait_acked(4).await;
+    wait_until("the first aggregator refuses a reconnect", || {
+        record_first.lock().unwrap().refused >= 1
+    })
+    .await;
+    let dir = agent.stop_keeping_spool().await;
+    // The batches that declared series 1-3 are acked and trimmed.
+    {
+        let spool = Spool::open(dir.path(), 64 << 20).unwrap();
+        assert_eq!(spool.acked(), 4);
+        assert_eq!(spool.read_from(0).unwrap().unwrap().sequence, 5);
+        assert_eq!(spool.next_series_id(), 5);
+        assert_eq!(spool.series(1).unwrap().name, "vigil_a");
+    }
+
+    // A new agent process on the same spool, streaming to an aggregator that never saw them.
+    let second = free_address().await;
+    let (record_second, _second) = start_strict_aggregator(second, Behaviour::AckAll).await;
+    let agent = start_agent_in(
+        dir,
+        vec![format!("http://{second}")],
+        None,
+        Compression::None,
+        Vec::new(),
+    );
+    agent.wait_acked(10).await;
+    {
+        let first = record_first.lock().unwrap();
+        let second = record_second.lock().unwrap();
+        assert_every_sample_stored_once(&batches, &[&first, &second]);
+        assert_eq!(second.declarations[0][0], (5, vec![1, 2, 3]));
+        assert_eq!(second.declarations[0][1], (6, vec![4]));
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_series_makes_the_stream_declare_those_series_again_from_the_dictionary() {
+    // Safety net: the aggregator loses the declarations after batch 1; batch 2's samples are
+    // rejected (UNKNOWN_SERIES). Even when the encoder does not declare them again, the sender
+    // does, from the spool's dictionary, in the next batch it sends on the stream.
+    let address = free_address().await;
+    let (record, _server) = start_aggregator(address, Behaviour::ForgetFirstDeclarations).await;
+    let agent = start_agent(address, Compression::None, 0);
+    let batches = series_batches();
+    for batch in &batches[..4] {
+        agent.append(batch.clone());
+        agent.wait_acked(batch.sequence).await;
+    }
+    {
+        let record = record.lock().unwrap();
+        assert_eq!(record.rejections, [(2, vec![1, 2, 3])]);
+        let declared = |sequence: u64| -> Vec<u64> {
+            record.stored[&sequence]
+                .series
+                .iter()
+                .map(|s| s.id)
+                .collect()
+        };
+        assert_eq!(declared(1), [1, 2, 3]);
+        assert!(declared(2).is_empty());
+        assert_eq!(declared(3), [1, 2, 3], "declared again by the sender");
+        assert!(declared(4).is_empty(), "and then not again");
+    }
     agent.stop().await;
 }

@@ -285,3 +285,107 @@ fn batches_must_be_appended_in_sequence() {
         }
     ));
 }
+
+/// A batch declaring series `declared` with `name` and using it and series 1.
+fn declaring_batch(sequence: u64, declared: u64, name: &str) -> Batch {
+    Batch {
+        sequence,
+        series: vec![Series {
+            id: declared,
+            name: name.to_string(),
+            labels: vec![vigil_proto::v1::Label {
+                name: "pod".into(),
+                value: "x".repeat(120),
+            }],
+            r#type: 1,
+        }],
+        samples: [1, declared]
+            .into_iter()
+            .map(|series_id| Sample {
+                series_id,
+                time_delta_ms: 0,
+                value: 1.0,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn declarations_outlive_the_batches_that_made_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let bound = 64 << 10;
+    let dropped;
+    {
+        let mut spool = Spool::open(dir.path(), bound).unwrap();
+        spool.append(&declaring_batch(1, 1, "vigil_first")).unwrap();
+        spool
+            .append(&declaring_batch(2, 2, "vigil_second"))
+            .unwrap();
+        spool.ack(1).unwrap();
+        // Batch 2 is dropped for space with many others.
+        for sequence in 3..=400 {
+            spool.append(&batch(sequence, &[], 80)).unwrap();
+        }
+        dropped = spool.dropped_batches();
+        assert!(dropped > 300, "{dropped}");
+        spool.sync().unwrap();
+    }
+    let mut spool = Spool::open(dir.path(), bound).unwrap();
+    assert_eq!(spool.next_series_id(), 3);
+    let mut next = spool.read_from(0).unwrap().unwrap();
+    assert!(next.series.is_empty());
+    let mut declared = std::collections::HashSet::new();
+    // Its samples use series 1 and 2 (80 samples: ids 1..=80, only 1 and 2 are known).
+    let missing = spool.declare_for_stream(&mut next, &mut declared).unwrap();
+    let ids: Vec<u64> = next.series.iter().map(|s| s.id).collect();
+    assert_eq!(ids, [1, 2]);
+    assert_eq!(next.series[1].name, "vigil_second");
+    assert_eq!(missing, (3..=80).collect::<Vec<_>>());
+    // Declared on this stream now: the next batch does not declare them again.
+    let mut after = spool.read_from(next.sequence + 1).unwrap().unwrap();
+    spool.declare_for_stream(&mut after, &mut declared).unwrap();
+    assert!(after.series.is_empty());
+}
+
+#[test]
+fn the_dictionary_is_compacted_keeping_the_series_still_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut last = 0;
+    {
+        let mut spool = Spool::open(dir.path(), 64 * MIB).unwrap();
+        spool
+            .append(&declaring_batch(1, 1, "vigil_always"))
+            .unwrap();
+        let mut largest = 0;
+        for sequence in 2..=30_000 {
+            spool
+                .append(&declaring_batch(sequence, sequence, "vigil_once"))
+                .unwrap();
+            if sequence % 500 == 0 {
+                spool.ack(sequence).unwrap();
+            }
+            last = sequence;
+            let bytes = spool.dictionary_bytes();
+            if bytes < largest && spool.known_series() < sequence as usize {
+                break;
+            }
+            largest = largest.max(bytes);
+        }
+        assert!(last < 30_000, "compacted, dropping series");
+        // Series 1 is used by every batch; the newest may still be used by the encoder.
+        assert!(spool.series(1).is_some());
+        assert!(
+            spool.series(2).is_none(),
+            "unused for long and acked: dropped"
+        );
+        assert!(spool.series(last).is_some());
+        assert!(spool.series(last - 7000).is_some());
+        spool.sync().unwrap();
+    }
+    let spool = Spool::open(dir.path(), 64 * MIB).unwrap();
+    assert!(spool.series(1).is_some());
+    assert!(spool.series(2).is_none());
+    assert!(spool.series(last).is_some());
+    assert_eq!(spool.next_series_id(), last + 1);
+}

@@ -1,7 +1,9 @@
 //! One collection pass -> one wire `Batch` (proto/vigil/v1/ingest.proto).
 //!
 //! Series are declared (id -> name, labels, type) in the first batch that uses them and referred
-//! to by id after that; ids are scoped to the agent instance and never reused. When the
+//! to by id after that; ids are scoped to the agent instance and never reused. The spool keeps
+//! every declaration (its series dictionary) and the sender adds to each batch it sends the
+//! declarations that stream has not seen yet, so resends stay self-sufficient. When the
 //! aggregator says it does not know a series (Rejection UNKNOWN_SERIES), the next batch declares
 //! every known series again.
 
@@ -14,7 +16,7 @@ use crate::sample::{Event, HistogramSnapshot, Labels, Sample, SampleValue};
 
 /// A series unused for this many passes is forgotten (checked every sixth of it; its id is never
 /// reused: if it comes back it gets a new one), so churning label values (pids) do not grow the agent's memory forever.
-const FORGET_AFTER_PASSES: u64 = 3600;
+pub(crate) const FORGET_AFTER_PASSES: u64 = 3600;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct SeriesKey {

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod dictionary;
 pub mod encode;
 pub mod sender;
 pub mod spool;

@@ -1,10 +1,13 @@
 //! The sender: one tokio task that streams spooled batches to an aggregator (`Ingest.Stream`).
 //!
 //! Per connection it sends a Hello, then every unacked batch in the spool oldest first, then
-//! new batches as the collection loop spools them. Acks trim the spool; Rejections are counted
-//! and logged once per reason, and UNKNOWN_SERIES makes the next batch declare every series
-//! again. A broken stream or a failed connect moves on to the next endpoint after an
-//! exponential backoff with jitter. Memory stays bounded: batches wait on disk, and at most
+//! new batches as the collection loop spools them. Every stream is self-sufficient: each batch
+//! sent also declares (from the spool's series dictionary) the series it uses that were not
+//! declared on this stream yet, so a resend to another aggregator, or to one that lost its
+//! data, stores every sample. Acks trim the spool; Rejections are counted and logged once per
+//! reason, and UNKNOWN_SERIES (a safety net) makes the stream declare those series again and
+//! the next batch declare every series again. A broken stream or a failed connect moves on to
+//! the next endpoint after an exponential backoff with jitter. Memory stays bounded: batches wait on disk, and at most
 //! `OUTBOUND_QUEUE` of them wait in memory for the connection.
 
 use std::{
@@ -36,6 +39,8 @@ const OUTBOUND_QUEUE: usize = 32;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A stream with batches in flight and no answer for this long is considered dead.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most series ids a Rejection lists (docs/protocol.md).
+const MAX_IDS_PER_REJECTION: usize = 1000;
 
 /// How the sender reaches the aggregators.
 #[derive(Clone)]
@@ -257,6 +262,8 @@ async fn session(
     let mut pending = None;
     let mut last_answer = Instant::now();
     let mut collection_stopped = false;
+    // Series declared on this stream (the aggregator may not know any other).
+    let mut declared = HashSet::new();
     loop {
         let (acked, spooled_until) = {
             let spool = spool.lock().unwrap();
@@ -309,7 +316,7 @@ async fn session(
                             acked_any = true;
                         }
                         Some(aggregator_message::Body::Rejection(rejection)) => {
-                            handle_rejection(&rejection, feedback);
+                            handle_rejection(&rejection, feedback, &mut declared);
                         }
                         None => {}
                     },
@@ -334,7 +341,19 @@ async fn session(
                         acked: acked_any,
                     };
                 };
-                let batch = pending.take().expect("a pending batch");
+                let mut batch = pending.take().expect("a pending batch");
+                match spool.lock().unwrap().declare_for_stream(&mut batch, &mut declared) {
+                    Ok(missing) if !missing.is_empty() => tracing::warn!(
+                        sequence = batch.sequence,
+                        series_ids = ?missing,
+                        "batch uses series missing from the spool's dictionary: the aggregator may reject their samples"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(
+                        "cannot update the series dictionary: {}",
+                        error_chain(&e)
+                    ),
+                }
                 if !in_flight {
                     last_answer = Instant::now();
                 }
@@ -356,7 +375,11 @@ async fn session(
     }
 }
 
-fn handle_rejection(rejection: &vigil_proto::v1::Rejection, feedback: &SenderFeedback) {
+fn handle_rejection(
+    rejection: &vigil_proto::v1::Rejection,
+    feedback: &SenderFeedback,
+    declared: &mut HashSet<u64>,
+) {
     let reason = Reason::try_from(rejection.reason).unwrap_or(Reason::Unspecified);
     let name = reason_label(reason);
     *feedback
@@ -366,6 +389,15 @@ fn handle_rejection(rejection: &vigil_proto::v1::Rejection, feedback: &SenderFee
         .entry(name)
         .or_default() += u64::from(rejection.rejected_samples);
     if reason == Reason::UnknownSeries {
+        // Declare them again on this stream (a Rejection lists at most 1000 ids: when it may be
+        // cut short, all of them), and every series in the next batch.
+        if rejection.series_ids.len() < MAX_IDS_PER_REJECTION {
+            for id in &rejection.series_ids {
+                declared.remove(id);
+            }
+        } else {
+            declared.clear();
+        }
         feedback.redeclare.store(true, Ordering::Relaxed);
     }
     if feedback

@@ -8,14 +8,22 @@
 //! - `state`: the ack high-water mark, the next sequence and series id, dropped batches;
 //! - `segment-<first sequence>.log`: append-only records, each
 //!   `[payload length u32][crc32 u32][sequence u64][next series id u64][payload]` (little
-//!   endian; the CRC covers everything after itself), the payload being the encoded `Batch`.
+//!   endian; the CRC covers everything after itself), the payload being the encoded `Batch`;
+//! - `series`: the series dictionary (id -> name, labels, type) of every series declared by a
+//!   spooled batch (`dictionary.rs`), so the sender can declare on each stream the series its
+//!   batches use even after the batch that first declared them was acked and trimmed, or
+//!   dropped for space. An entry is kept while a batch that is not acked uses it, or while the
+//!   encoder may still use it (used by one of the last `2 * FORGET_AFTER_PASSES` batches: the
+//!   encoder forgets a series unused for `FORGET_AFTER_PASSES` passes, and a pass makes at
+//!   most one batch); others are dropped when the file is compacted. Entries read at start
+//!   count as used by the newest spooled batch.
 //!
 //! Whole segments are deleted once every batch in them is acked. A record cut short by a crash
 //! is cut off at the next start. The spool is bounded: past `max_bytes` the oldest segment is
 //! dropped, and its unacked batches are counted as dropped.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     fs::{self, File, OpenOptions},
     io::{Read, Write},
     os::unix::fs::FileExt,
@@ -26,6 +34,8 @@ use std::{
 use prost::Message;
 use vigil_proto::v1::Batch;
 
+use super::{dictionary::SeriesDictionary, encode::FORGET_AFTER_PASSES};
+
 const HEADER_BYTES: usize = 24;
 const INSTANCE_FILE: &str = "instance";
 const STATE_FILE: &str = "state";
@@ -34,6 +44,9 @@ const LOCK_FILE: &str = "lock";
 /// drops a small part of the spool).
 const MAX_SEGMENT_BYTES: u64 = 64 << 20;
 const MIN_SEGMENT_BYTES: u64 = 4 << 10;
+/// Dictionary entries used by one of this many of the newest batches are kept (the encoder may
+/// still use them without declaring them again).
+const ENCODER_MEMORY_BATCHES: u64 = 2 * FORGET_AFTER_PASSES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -58,7 +71,10 @@ pub enum SpoolError {
     OutOfOrder { expected: u64, got: u64 },
 }
 
-fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> SpoolError {
+pub(crate) fn io_error(
+    path: &Path,
+    action: &'static str,
+) -> impl FnOnce(std::io::Error) -> SpoolError {
     let path = path.to_owned();
     move |source| SpoolError::Io {
         path,
@@ -114,6 +130,7 @@ pub struct Spool {
     unsynced_data: bool,
     state_dirty: bool,
     last_sync: Instant,
+    dictionary: SeriesDictionary,
     _lock: File,
 }
 
@@ -126,6 +143,7 @@ impl Spool {
         let instance = load_or_create_instance(dir)?;
         let state = SpoolState::load(dir)?;
         let segment_max_bytes = (max_bytes / 16).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES);
+        let dictionary = SeriesDictionary::open(dir)?;
 
         let mut names: Vec<PathBuf> = fs::read_dir(dir)
             .map_err(io_error(dir, "cannot list the directory"))?
@@ -153,6 +171,7 @@ impl Spool {
             unsynced_data: false,
             state_dirty: false,
             last_sync: Instant::now(),
+            dictionary,
             _lock: lock,
         };
         for path in names {
@@ -163,6 +182,11 @@ impl Spool {
             }
             spool.total_bytes += segment.bytes;
             spool.segments.push_back(segment);
+        }
+        // Conservative: every entry read counts as used by the newest spooled batch.
+        spool.dictionary.touch_all(spool.next_sequence - 1);
+        if let Some(max_id) = spool.dictionary.max_id() {
+            spool.next_series_id = spool.next_series_id.max(max_id + 1);
         }
         spool.trim()?;
         Ok(spool)
@@ -217,6 +241,12 @@ impl Spool {
             });
         }
         let declared_next = batch.series.iter().map(|s| s.id + 1).max().unwrap_or(0);
+        // The declarations reach the dictionary file before the batch reaches its segment (and
+        // are synced first).
+        self.dictionary.insert(&batch.series, batch.sequence)?;
+        for id in referenced_ids(batch) {
+            self.dictionary.touch(id, batch.sequence);
+        }
         let next_series_id = self.next_series_id.max(declared_next);
         let payload = batch.encode_to_vec();
         let mut record = Vec::with_capacity(HEADER_BYTES + payload.len());
@@ -254,11 +284,61 @@ impl Spool {
         // Also saved at the next sync, so that a sequence is not handed out twice even when
         // the record holding it is lost.
         self.state_dirty = true;
-        self.enforce_bound()
+        let outcome = self.enforce_bound()?;
+        if self.dictionary.wants_compaction() {
+            let (acked, newest) = (self.acked, self.next_sequence - 1);
+            self.dictionary.compact(|_, last_used| {
+                last_used > acked || last_used + ENCODER_MEMORY_BATCHES > newest
+            })?;
+        }
+        Ok(outcome)
+    }
+
+    /// The declaration of series `id` in the spool's dictionary.
+    pub fn series(&self, id: u64) -> Option<&vigil_proto::v1::Series> {
+        self.dictionary.get(id)
+    }
+
+    /// Series in the spool's dictionary.
+    pub fn known_series(&self) -> usize {
+        self.dictionary.len()
+    }
+
+    /// Bytes of the dictionary file.
+    pub fn dictionary_bytes(&self) -> u64 {
+        self.dictionary.bytes()
+    }
+
+    /// Makes `batch` self-sufficient on a stream where the series in `declared` were declared
+    /// already: adds to `batch.series` the declaration of every series the batch uses that is
+    /// neither in `declared` nor declared by the batch itself, and adds them all to `declared`.
+    /// Returns the ids it has no declaration for (the aggregator will answer UNKNOWN_SERIES).
+    pub fn declare_for_stream(
+        &mut self,
+        batch: &mut Batch,
+        declared: &mut HashSet<u64>,
+    ) -> Result<Vec<u64>, SpoolError> {
+        // A batch read back from the spool: its own declarations are in the dictionary (added
+        // again here in case the dictionary lost them in a crash).
+        self.dictionary.insert(&batch.series, batch.sequence)?;
+        declared.extend(batch.series.iter().map(|s| s.id));
+        let mut missing = Vec::new();
+        let mut added = Vec::new();
+        for id in referenced_ids(batch) {
+            if declared.insert(id) {
+                match self.dictionary.get(id) {
+                    Some(series) => added.push(series.clone()),
+                    None => missing.push(id),
+                }
+            }
+        }
+        batch.series.extend(added);
+        Ok(missing)
     }
 
     /// Flushes appended batches and the state to disk (fsync).
     pub fn sync(&mut self) -> Result<(), SpoolError> {
+        self.dictionary.sync()?;
         if self.unsynced_data
             && let (Some(file), Some(segment)) = (self.active.as_ref(), self.segments.back())
         {
@@ -402,6 +482,9 @@ impl Spool {
     }
 
     fn write_state(&mut self) -> Result<(), SpoolError> {
+        // Batches acked (or dropped) past the state's mark may be deleted: the declarations
+        // they made must be on disk first.
+        self.dictionary.sync()?;
         SpoolState {
             acked: self.acked,
             next_sequence: self.next_sequence,
@@ -420,6 +503,17 @@ impl Drop for Spool {
             tracing::warn!("spool not synced on shutdown: {e}");
         }
     }
+}
+
+/// The series ids `batch` uses (samples and histograms), each once, in first-use order.
+fn referenced_ids(batch: &Batch) -> impl Iterator<Item = u64> + '_ {
+    let mut seen = HashSet::new();
+    batch
+        .samples
+        .iter()
+        .map(|s| s.series_id)
+        .chain(batch.histograms.iter().map(|h| h.series_id))
+        .filter(move |id| seen.insert(*id))
 }
 
 /// What `state` holds.
@@ -468,7 +562,7 @@ impl SpoolState {
 }
 
 /// Writes `name` in `dir` so that a crash leaves the old or the new content, never a mix.
-fn write_atomically(dir: &Path, name: &str, content: &[u8]) -> Result<(), SpoolError> {
+pub(crate) fn write_atomically(dir: &Path, name: &str, content: &[u8]) -> Result<(), SpoolError> {
     let path = dir.join(name);
     let temporary = dir.join(format!("{name}.tmp"));
     let mut file = File::create(&temporary).map_err(io_error(&temporary, "cannot write"))?;
@@ -479,7 +573,7 @@ fn write_atomically(dir: &Path, name: &str, content: &[u8]) -> Result<(), SpoolE
     sync_dir(dir)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir, "cannot fsync the directory"))

@@ -2,7 +2,7 @@
 //! it receives, stores each batch once and acks, with a few scripted misbehaviours.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -14,7 +14,7 @@ use tonic::{
     Request, Response, Status, Streaming, codec::CompressionEncoding, transport::ServerTlsConfig,
 };
 use vigil_proto::v1::{
-    Ack, AgentMessage, AggregatorMessage, Batch, Hello, Rejection, agent_message,
+    Ack, AgentMessage, AggregatorMessage, Batch, Hello, Rejection, Series, agent_message,
     aggregator_message,
     ingest_server::{Ingest, IngestServer},
     rejection::Reason,
@@ -31,6 +31,10 @@ pub enum Behaviour {
     /// Lose the series declarations after storing batch 1 (as an aggregator that lost its
     /// series dictionary) and reject samples of undeclared series with UNKNOWN_SERIES.
     ForgetFirstDeclarations,
+    /// On the first connection, ack batches up to `ack_until`, then break the stream when a
+    /// later batch arrives (without storing it); refuse every later connection (`unavailable`),
+    /// as an aggregator that went away.
+    FailAfter { ack_until: u64 },
 }
 
 #[derive(Default)]
@@ -45,11 +49,23 @@ pub struct Record {
     pub stored: BTreeMap<u64, Batch>,
     pub declared: HashSet<u64>,
     pub rejections: Vec<(u64, Vec<u64>)>,
+    /// Per connection, the series ids each received batch declared: (sequence, ids).
+    pub declarations: Vec<Vec<(u64, Vec<u64>)>>,
+    /// Strict mode: the series dictionary of this aggregator (for the one agent instance).
+    pub dictionary: HashMap<u64, Series>,
+    /// Strict mode: ids declared again with another content (an agent must never do that).
+    pub conflicts: Vec<u64>,
+    /// Connections refused (`FailAfter`).
+    pub refused: usize,
 }
 
 #[derive(Clone)]
 struct FakeAggregator {
     behaviour: Behaviour,
+    /// Like the real aggregator: samples and histograms of series never declared to this
+    /// aggregator are rejected with UNKNOWN_SERIES and not stored; a repeated identical
+    /// declaration is a no-op, a conflicting one is refused (and recorded).
+    strict: bool,
     record: Arc<Mutex<Record>>,
 }
 
@@ -63,6 +79,11 @@ impl Ingest for FakeAggregator {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let connection = {
             let mut record = self.record.lock().unwrap();
+            if matches!(self.behaviour, Behaviour::FailAfter { .. }) && !record.received.is_empty()
+            {
+                record.refused += 1;
+                return Err(Status::unavailable("fake aggregator gone"));
+            }
             record.authorization.push(
                 request
                     .metadata()
@@ -73,12 +94,14 @@ impl Ingest for FakeAggregator {
                 .client_certificates
                 .push(request.peer_certs().is_some_and(|c| !c.is_empty()));
             record.received.push(Vec::new());
+            record.declarations.push(Vec::new());
             record.received.len() - 1
         };
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1024);
         let record = self.record.clone();
         let behaviour = self.behaviour;
+        let strict = self.strict;
         tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
                 let batch = match message.body {
@@ -89,17 +112,62 @@ impl Ingest for FakeAggregator {
                     Some(agent_message::Body::Batch(batch)) => batch,
                     None => continue,
                 };
+                let mut batch = batch;
                 let sequence = batch.sequence;
                 let mut answers = Vec::new();
                 let mut break_stream = false;
                 {
                     let mut record = record.lock().unwrap();
                     record.received[connection].push(sequence);
-                    if let Behaviour::BreakFirstStream { break_at, .. } = behaviour
-                        && connection == 0
-                        && sequence == break_at
-                    {
-                        break_stream = true;
+                    let ids = batch.series.iter().map(|s| s.id).collect();
+                    record.declarations[connection].push((sequence, ids));
+                    match behaviour {
+                        Behaviour::BreakFirstStream { break_at, .. }
+                            if connection == 0 && sequence == break_at =>
+                        {
+                            break_stream = true;
+                        }
+                        Behaviour::FailAfter { ack_until } if sequence > ack_until => {
+                            break_stream = true;
+                        }
+                        _ => {}
+                    }
+                    if strict && !break_stream {
+                        let record = &mut *record;
+                        let mut accepted = Vec::new();
+                        for series in std::mem::take(&mut batch.series) {
+                            match record.dictionary.get(&series.id) {
+                                Some(known) if *known != series => record.conflicts.push(series.id),
+                                _ => {
+                                    record.dictionary.insert(series.id, series.clone());
+                                    accepted.push(series);
+                                }
+                            }
+                        }
+                        batch.series = accepted;
+                        let known = |id: &u64| record.dictionary.contains_key(id);
+                        let mut unknown: Vec<u64> = batch
+                            .samples
+                            .iter()
+                            .map(|s| s.series_id)
+                            .chain(batch.histograms.iter().map(|h| h.series_id))
+                            .filter(|id| !known(id))
+                            .collect();
+                        let rejected = unknown.len();
+                        batch.samples.retain(|s| known(&s.series_id));
+                        batch.histograms.retain(|h| known(&h.series_id));
+                        unknown.sort_unstable();
+                        unknown.dedup();
+                        if rejected > 0 {
+                            record.rejections.push((sequence, unknown.clone()));
+                            answers.push(aggregator_message::Body::Rejection(Rejection {
+                                sequence,
+                                reason: Reason::UnknownSeries as i32,
+                                message: "series never declared".into(),
+                                rejected_samples: rejected as u32,
+                                series_ids: unknown,
+                            }));
+                        }
                     }
                     if !break_stream {
                         let ids: Vec<u64> = batch.series.iter().map(|s| s.id).collect();
@@ -134,6 +202,7 @@ impl Ingest for FakeAggregator {
                         Behaviour::BreakFirstStream { ack_until, .. } if connection == 0 => {
                             (sequence <= ack_until).then_some(sequence)
                         }
+                        Behaviour::FailAfter { .. } if break_stream => None,
                         _ => Some(sequence),
                     };
                     if let Some(sequence) = ack {
@@ -166,15 +235,33 @@ pub async fn start_aggregator(
     start_aggregator_with_tls(address, behaviour, None).await
 }
 
+/// A fake aggregator that, like the real one, rejects samples of series never declared to it.
+pub async fn start_strict_aggregator(
+    address: SocketAddr,
+    behaviour: Behaviour,
+) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
+    start(address, behaviour, None, true).await
+}
+
 pub async fn start_aggregator_with_tls(
     address: SocketAddr,
     behaviour: Behaviour,
     tls: Option<ServerTlsConfig>,
 ) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
+    start(address, behaviour, tls, false).await
+}
+
+async fn start(
+    address: SocketAddr,
+    behaviour: Behaviour,
+    tls: Option<ServerTlsConfig>,
+    strict: bool,
+) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind(address).await.unwrap();
     let record = Arc::new(Mutex::new(Record::default()));
     let service = IngestServer::new(FakeAggregator {
         behaviour,
+        strict,
         record: record.clone(),
     })
     .accept_compressed(CompressionEncoding::Zstd)
