@@ -2,6 +2,7 @@
 
 mod collect;
 mod gpu;
+mod ingest;
 mod probe_process;
 mod syscall_overhead;
 
@@ -23,6 +24,15 @@ pub struct BenchArgs {
     /// collect, gpu: collection passes, 1 s apart.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
     passes: u32,
+    /// ingest: simulated agents in the throughput run (as fast as acks allow).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    throughput_agents: u32,
+    /// ingest: simulated agents in the latency run (one batch a second each).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    agents: u32,
+    /// ingest: simulated agents in the second, lighter latency run.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    light_agents: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -34,6 +44,9 @@ enum BenchName {
     Collect,
     /// CPU time of a gpu collection pass over 8 GPUs and 64 processes on the stand-in NVML.
     Gpu,
+    /// Samples/s per aggregator core, ack latency and bytes per sample with simulated agents
+    /// (target/release/ingest-load) against the release aggregator on 127.0.0.1.
+    Ingest,
 }
 
 pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
@@ -41,6 +54,9 @@ pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
         BenchName::SyscallOverhead => syscall_overhead::run(ws, args.calls, args.rounds),
         BenchName::Collect => collect::run(ws, args.passes),
         BenchName::Gpu => gpu::run(ws, args.passes),
+        BenchName::Ingest => {
+            ingest::run(ws, args.throughput_agents, args.agents, args.light_agents)
+        }
     }
 }
 
