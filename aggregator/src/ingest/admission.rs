@@ -53,13 +53,92 @@ pub(crate) fn admit(
     counters: &IngestCounters,
     limits: &Limits,
     writer: &Writer<'_>,
-    mut batch: Batch,
+    batch: Batch,
     now_ms: i64,
 ) -> Result<Admission, WalError> {
     wal.durable_through()?;
+    Ok(admit_with(
+        store,
+        counters,
+        limits,
+        writer,
+        batch,
+        now_ms,
+        |record| wal.append(record),
+    ))
+}
+
+/// What [`admit_batch`] did with a batch: [`Admission`] without the log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Stored; `record` is what the ingest path appends to the write-ahead log.
+    Stored {
+        sequence: u64,
+        record: WalRecord,
+        rejections: Vec<Rejection>,
+    },
+    /// A resend of a stored batch: not stored again.
+    Duplicate { sequence: u64 },
+    /// Nothing stored.
+    Refused { rejections: Vec<Rejection> },
+}
+
+/// Admits one batch of `node`'s `agent_instance` into `store` exactly as the ingest stream
+/// does, but without a write-ahead log (no disk, no fsync): the record it would append is
+/// returned instead. For the fuzz targets (`aggregator/fuzz/`) and tests.
+pub fn admit_batch(
+    store: &Store,
+    counters: &IngestCounters,
+    limits: &Limits,
+    node: &str,
+    agent_instance: &str,
+    batch: Batch,
+    now_ms: i64,
+) -> Outcome {
+    let writer = Writer {
+        node,
+        agent_instance,
+    };
+    let mut appended = None;
+    let admission = admit_with(store, counters, limits, &writer, batch, now_ms, |record| {
+        appended = Some(record.clone());
+        Lsn::default()
+    });
+    match admission {
+        Admission::Stored {
+            sequence,
+            rejections,
+            ..
+        } => Outcome::Stored {
+            sequence,
+            record: appended.expect("a stored batch is appended"),
+            rejections,
+        },
+        Admission::Duplicate { sequence, .. } => Outcome::Duplicate { sequence },
+        Admission::Refused { rejections } => Outcome::Refused { rejections },
+    }
+}
+
+/// Applies a record read back from the write-ahead log to `store`, as the aggregator does at
+/// startup (`server::start`).
+pub fn apply_replayed(store: &Store, record: &WalRecord) {
+    store.lock().apply(record, Lsn::default());
+}
+
+/// [`admit`] after the log check: `append` puts the record into the log (under the store's
+/// lock) and returns its [`Lsn`].
+fn admit_with(
+    store: &Store,
+    counters: &IngestCounters,
+    limits: &Limits,
+    writer: &Writer<'_>,
+    mut batch: Batch,
+    now_ms: i64,
+    append: impl FnOnce(&WalRecord) -> Lsn,
+) -> Admission {
     if batch.sequence == 0 {
         IngestCounters::add(&counters.batches_malformed, 1);
-        return Ok(Admission::Refused {
+        return Admission::Refused {
             rejections: vec![Rejection {
                 sequence: 0,
                 reason: Reason::Malformed as i32,
@@ -71,17 +150,17 @@ pub(crate) fn admit(
                     + batch.histograms.len()
                     + batch.events.len()) as u32,
             }],
-        });
+        };
     }
     let mut state = store.lock();
     if let Some(instance) = state.instance(writer.node, writer.agent_instance)
         && batch.sequence <= instance.high_water
     {
         IngestCounters::add(&counters.batches_duplicate, 1);
-        return Ok(Admission::Duplicate {
+        return Admission::Duplicate {
             sequence: batch.sequence,
             lsn: instance.last_lsn,
-        });
+        };
     }
 
     let mut check = BatchCheck {
@@ -142,7 +221,7 @@ pub(crate) fn admit(
             events,
         }),
     };
-    let lsn = wal.append(&record);
+    let lsn = append(&record);
     state.apply(&record, lsn);
     state.remember_refused(
         writer.node,
@@ -150,11 +229,11 @@ pub(crate) fn admit(
         refused_for_limit,
         limits.max_series_per_node,
     );
-    Ok(Admission::Stored {
+    Admission::Stored {
         sequence: batch.sequence,
         lsn,
         rejections: rejections.into_messages(batch.sequence),
-    })
+    }
 }
 
 /// The checks of one batch against the store as it is.
@@ -176,7 +255,8 @@ impl BatchCheck<'_> {
             .state
             .instance(self.writer.node, self.writer.agent_instance);
         let stored_count = self.state.series_count(self.writer.node);
-        let mut new_keys = HashSet::new();
+        // New series of this batch (neither stored nor refused), with their kind.
+        let mut new_keys: HashMap<SeriesKey, MetricKind> = HashMap::new();
         let mut keys_in_batch: HashMap<u64, SeriesKey> = HashMap::new();
         let mut accepted = Vec::new();
         let mut refused_for_limit = Vec::new();
@@ -201,29 +281,35 @@ impl BatchCheck<'_> {
                     series.labels.clone(),
                 ))
             });
-            if let Some(earlier) = earlier {
-                if earlier != key {
+            if let Some(earlier) = earlier
+                && earlier != key
+            {
+                self.reject_declaration(id, Reason::Malformed, || {
+                    format!(
+                        "series id {id} is already declared for another name or label set; \
+                         ids are never reused within an agent instance"
+                    )
+                });
+                continue;
+            }
+            // The kind the series already has: stored, or declared earlier in this batch
+            // (under this id or another). A repeated declaration must keep it too.
+            let known_kind = new_keys
+                .get(&key)
+                .copied()
+                .or_else(|| Some(self.state.series_by_key(&key)?.kind));
+            if let Some(known_kind) = known_kind {
+                if known_kind != kind {
                     self.reject_declaration(id, Reason::Malformed, || {
                         format!(
-                            "series id {id} is already declared for another name or label set; \
-                             ids are never reused within an agent instance"
-                        )
-                    });
-                    continue;
-                }
-            } else if let Some(stored) = self.state.series_by_key(&key) {
-                if stored.kind != kind {
-                    let stored_kind = stored.kind;
-                    self.reject_declaration(id, Reason::Malformed, || {
-                        format!(
-                            "series {id} ({}) is declared {kind:?}, but node {} already stores \
-                             it as {stored_kind:?}",
+                            "series {id} ({}) is declared {kind:?}, but node {} already has it \
+                             as {known_kind:?}",
                             declaration.name, self.writer.node
                         )
                     });
                     continue;
                 }
-            } else if !new_keys.contains(&key) {
+            } else {
                 if stored_count + new_keys.len() >= self.limits.max_series_per_node {
                     let limit = self.limits.max_series_per_node;
                     self.reject_declaration(id, Reason::SeriesLimit, || {
@@ -237,7 +323,7 @@ impl BatchCheck<'_> {
                     refused_for_limit.push(id);
                     continue;
                 }
-                new_keys.insert(key.clone());
+                new_keys.insert(key.clone(), kind);
             }
             keys_in_batch.insert(id, key);
             self.kinds.insert(id, Ok(kind));
@@ -524,7 +610,134 @@ impl Rejections {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vigil_proto::v1::Histogram;
+    use crate::storage::PointValue;
+    use vigil_proto::v1::{Histogram, MetricType};
+
+    const NOW_MS: i64 = 1_767_225_600_000;
+    const LIMITS: Limits = Limits {
+        max_series_per_node: 100,
+        retention_ms: 15 * 24 * 3600 * 1000,
+        max_future_skew_ms: 5 * 60 * 1000,
+    };
+
+    fn declare(id: u64, name: &str, metric_type: MetricType) -> Series {
+        Series {
+            id,
+            name: name.into(),
+            labels: Vec::new(),
+            r#type: metric_type as i32,
+        }
+    }
+
+    fn sample(series_id: u64, value: f64) -> Sample {
+        Sample {
+            series_id,
+            time_delta_ms: 0,
+            value,
+        }
+    }
+
+    fn admit_one(store: &Store, sequence: u64, series: Vec<Series>, samples: Vec<Sample>) {
+        let batch = Batch {
+            sequence,
+            series,
+            base_time_ms: NOW_MS,
+            samples,
+            ..Batch::default()
+        };
+        let counters = IngestCounters::default();
+        let outcome = admit_batch(
+            store, &counters, &LIMITS, "node-a", "spool-1", batch, NOW_MS,
+        );
+        assert!(matches!(outcome, Outcome::Stored { .. }), "{outcome:?}");
+    }
+
+    /// Every stored point fits the kind of its series.
+    fn assert_points_fit_kinds(store: &Store) {
+        for series in store.series() {
+            for point in store.samples_of(series.id) {
+                let fits = match (&point.value, series.kind) {
+                    (PointValue::Value(_), MetricKind::Gauge) => true,
+                    (PointValue::Value(v), MetricKind::Counter) => v.is_finite() && *v >= 0.0,
+                    (PointValue::Histogram(_), MetricKind::Histogram) => true,
+                    _ => false,
+                };
+                assert!(fits, "{series:?}: {point:?}");
+            }
+        }
+    }
+
+    /// Found by `cargo fuzz run batch` (aggregator/fuzz/): a series stored as a histogram,
+    /// declared again under its id as a counter, took plain samples (and a gauge redeclared
+    /// from a counter took negative ones), because a repeated declaration's type was not
+    /// checked.
+    #[test]
+    fn a_repeated_declaration_must_keep_the_stored_type() {
+        let store = Store::new();
+        admit_one(
+            &store,
+            1,
+            vec![
+                declare(1, "latency_seconds", MetricType::Histogram),
+                declare(2, "errors_total", MetricType::Counter),
+            ],
+            vec![sample(2, 1.0)],
+        );
+        admit_one(
+            &store,
+            2,
+            vec![
+                declare(1, "latency_seconds", MetricType::Counter),
+                declare(2, "errors_total", MetricType::Gauge),
+            ],
+            vec![sample(1, 540.0), sample(2, -3.0)],
+        );
+        assert_points_fit_kinds(&store);
+        let kinds: Vec<_> = store.series().iter().map(|s| s.kind).collect();
+        assert_eq!(kinds, [MetricKind::Histogram, MetricKind::Counter]);
+        assert_eq!(store.samples_of(store.series()[0].id), []);
+        assert_eq!(store.samples_of(store.series()[1].id).len(), 1);
+    }
+
+    #[test]
+    fn one_batch_cannot_declare_a_series_with_two_types() {
+        let store = Store::new();
+        let counters = IngestCounters::default();
+        let batch = Batch {
+            sequence: 1,
+            series: vec![
+                declare(1, "power_watts", MetricType::Counter),
+                declare(2, "power_watts", MetricType::Gauge),
+                declare(3, "temp_celsius", MetricType::Gauge),
+                declare(3, "temp_celsius", MetricType::Histogram),
+            ],
+            base_time_ms: NOW_MS,
+            samples: vec![sample(1, 5.0), sample(2, -1.0), sample(3, 40.0)],
+            ..Batch::default()
+        };
+        let Outcome::Stored { rejections, .. } = admit_batch(
+            &store, &counters, &LIMITS, "node-a", "spool-1", batch, NOW_MS,
+        ) else {
+            panic!("the batch is stored");
+        };
+        assert_points_fit_kinds(&store);
+        assert_eq!(rejections.len(), 1, "{rejections:?}");
+        assert_eq!(rejections[0].reason, Reason::Malformed as i32);
+        assert_eq!(rejections[0].series_ids, [2, 3]);
+        assert_eq!(rejections[0].rejected_samples, 1);
+        let stored: Vec<_> = store
+            .series()
+            .iter()
+            .map(|s| (s.name.clone(), s.kind, store.samples_of(s.id).len()))
+            .collect();
+        assert_eq!(
+            stored,
+            [
+                ("power_watts".to_string(), MetricKind::Counter, 1),
+                ("temp_celsius".to_string(), MetricKind::Gauge, 1),
+            ]
+        );
+    }
 
     fn histogram(deltas: &[u32], counts: &[u64], count: u64) -> Histogram {
         Histogram {
