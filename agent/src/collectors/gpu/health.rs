@@ -376,6 +376,23 @@ fn poll_clock_event_reasons(nvml: &Nvml, polled: &[u32], shared: &Mutex<HealthSt
     }
 }
 
+/// The event set for `registrations`, or `None` once the reason it could not be made is
+/// recorded for the status.
+fn watched_event_set<'n>(
+    nvml: &'n Nvml,
+    registrations: &[(u32, EventTypes)],
+    shared: &Mutex<HealthState>,
+) -> Option<EventSet<'n>> {
+    event_set(nvml, registrations, shared)
+        .map_err(|error| {
+            lock(shared).error = Some(format!(
+                "health events not watched: {}",
+                crate::collectors::error_chain(&error)
+            ));
+        })
+        .ok()
+}
+
 fn watch(
     nvml: &Nvml,
     registrations: Vec<(u32, EventTypes)>,
@@ -391,15 +408,8 @@ fn watch(
         }
         return;
     }
-    let mut set = match event_set(nvml, &registrations, shared) {
-        Ok(set) => set,
-        Err(error) => {
-            lock(shared).error = Some(format!(
-                "health events not watched: {}",
-                crate::collectors::error_chain(&error)
-            ));
-            return;
-        }
+    let Some(mut set) = watched_event_set(nvml, &registrations, shared) else {
+        return;
     };
     let mut polled_at = Instant::now();
     // Events name their device by handle. Asking NVML for its index fails once the device is
@@ -459,15 +469,9 @@ fn watch(
                     std::thread::sleep(Duration::from_secs(1));
                 }
                 drop(set);
-                set = match event_set(nvml, &registrations, shared) {
-                    Ok(set) => set,
-                    Err(error) => {
-                        lock(shared).error = Some(format!(
-                            "health events not watched: {}",
-                            crate::collectors::error_chain(&error)
-                        ));
-                        return;
-                    }
+                set = match watched_event_set(nvml, &registrations, shared) {
+                    Some(set) => set,
+                    None => return,
                 };
             }
             Err(error) => {
