@@ -155,11 +155,18 @@ fn test(ws: &Workspace) -> Result<()> {
         // The eBPF tests share kernel state (tracepoints, maps), so they run one at a time.
         ("test", &["test", "--workspace", "--", "--test-threads=1"]),
     ];
+    let mut totals = TestTotals::default();
     for (name, args) in steps {
         let mut cargo = ws.cargo(&object);
         cargo.args(args);
-        if let Err(err) = shell::run(&mut cargo) {
+        let result = if name == "test" {
+            run_counting_tests(&mut cargo, &mut totals)
+        } else {
+            shell::run(&mut cargo)
+        };
+        if let Err(err) = result {
             eprintln!("test: FAILED at step {name}");
+            println!("{}", totals.closing_line());
             return Err(err);
         }
     }
@@ -167,6 +174,69 @@ fn test(ws: &Workspace) -> Result<()> {
         "test: all steps passed (build-ebpf, fmt, clippy, test) in {:.0?}",
         started.elapsed()
     );
+    // The last line: every test of the run, in the plain form CI reads.
+    println!("{}", totals.closing_line());
+    Ok(())
+}
+
+/// Tests passed, failed and ignored over every test binary of a `cargo test` run.
+#[derive(Debug, Default, PartialEq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds a libtest summary line (`test result: ok. 5 passed; 0 failed; 1 ignored; ...`).
+    fn add_summary(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match kind {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+
+    fn closing_line(&self) -> String {
+        let mut line = format!("tests: {} passed, {} failed", self.passed, self.failed);
+        if self.ignored > 0 {
+            line.push_str(&format!(", {} skipped", self.ignored));
+        }
+        line
+    }
+}
+
+/// Runs `cargo test`, passing its output through while adding up the summary lines.
+fn run_counting_tests(cargo: &mut std::process::Command, totals: &mut TestTotals) -> Result<()> {
+    use std::io::BufRead;
+    eprintln!("$ {}", shell::describe(cargo));
+    let mut child = cargo
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("could not start cargo test")?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        totals.add_summary(&line);
+        println!("{line}");
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
     Ok(())
 }
 
@@ -202,4 +272,37 @@ fn run(ws: &Workspace, args: Vec<OsString>) -> Result<()> {
     // `exec` only returns on failure.
     let err = command.exec();
     bail!("could not execute {}: {err}", agent.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_lines_add_up_into_the_closing_line() {
+        let mut totals = TestTotals::default();
+        totals.add_summary(
+            "test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+        );
+        totals.add_summary(
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s",
+        );
+        totals.add_summary("test scenario::tests::x ... ok");
+        assert_eq!(
+            totals,
+            TestTotals {
+                passed: 8,
+                failed: 2,
+                ignored: 1
+            }
+        );
+        assert_eq!(
+            totals.closing_line(),
+            "tests: 8 passed, 2 failed, 1 skipped"
+        );
+        assert_eq!(
+            TestTotals::default().closing_line(),
+            "tests: 0 passed, 0 failed"
+        );
+    }
 }
