@@ -165,40 +165,29 @@ async fn batches_spooled_before_a_kill_9_are_sent_after_the_restart() {
     assert_eq!(instances.len(), 1, "the restart keeps the agent instance");
 }
 
-#[test]
-fn run_refuses_a_config_with_an_unknown_transport_key() {
+/// Runs `vigil-agent run` with this config file; it must refuse to start. Its stderr.
+fn refused_config(text: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        "[transport]\nendpoints = [\"http://127.0.0.1:1\"]\nplain_text = true\n",
-    )
-    .unwrap();
+    std::fs::write(&config, text).unwrap();
     let output = Command::new(AGENT)
         .args(["run", "--config"])
         .arg(&config)
         .output()
         .unwrap();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn run_refuses_a_config_with_an_unknown_transport_key() {
+    let stderr =
+        refused_config("[transport]\nendpoints = [\"http://127.0.0.1:1\"]\nplain_text = true\n");
     assert!(stderr.contains("unknown field `plain_text`"), "{stderr}");
 }
 
 #[test]
 fn run_refuses_plaintext_without_the_explicit_opt_in() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        "[transport]\nendpoints = [\"http://127.0.0.1:1\"]\n",
-    )
-    .unwrap();
-    let output = Command::new(AGENT)
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_config("[transport]\nendpoints = [\"http://127.0.0.1:1\"]\n");
     assert!(stderr.contains("transport.plaintext = true"), "{stderr}");
 }

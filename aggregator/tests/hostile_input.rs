@@ -80,13 +80,7 @@ async fn random_bytes_and_truncated_http2_frames_do_not_stop_the_plaintext_serve
     for payload in payloads() {
         hurl(aggregator.grpc_addr(), &payload).await;
     }
-    let mut stream = open(
-        plaintext_channel(&aggregator).await,
-        hello("node-a", "spool-a"),
-        None,
-    )
-    .await
-    .unwrap();
+    let mut stream = open_plaintext(&aggregator, hello("node-a", "spool-a")).await;
     assert_eq!(stream.store(batch(1, vec![], vec![])).await, vec![]);
     assert!(aggregator.counters().connections_accepted > payloads().len() as u64);
     aggregator.shutdown().await;

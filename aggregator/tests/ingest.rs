@@ -131,13 +131,7 @@ async fn a_restart_replays_the_log_and_keeps_series_ids_and_dedupe() {
     let dir = tempfile::tempdir().unwrap();
     let config = plaintext_config(dir.path());
     let aggregator = start(&config).await;
-    let mut stream = open(
-        plaintext_channel(&aggregator).await,
-        hello(NODE, "spool-a"),
-        None,
-    )
-    .await
-    .unwrap();
+    let mut stream = open_plaintext(&aggregator, hello(NODE, "spool-a")).await;
     stream
         .store(batch(1, power_series(), vec![sample(1, 0, 100.0)]))
         .await;
@@ -155,13 +149,7 @@ async fn a_restart_replays_the_log_and_keeps_series_ids_and_dedupe() {
     assert_eq!(store.samples_of(power).len(), 2);
     assert_eq!(store.high_water(NODE, "spool-a"), Some(2));
 
-    let mut stream = open(
-        plaintext_channel(&aggregator).await,
-        hello(NODE, "spool-a"),
-        None,
-    )
-    .await
-    .unwrap();
+    let mut stream = open_plaintext(&aggregator, hello(NODE, "spool-a")).await;
     // A resend of batch 2 after the restart: acked, not stored again.
     assert_eq!(
         stream
@@ -198,13 +186,7 @@ async fn a_torn_record_at_the_end_of_the_log_is_cut_at_restart() {
     let dir = tempfile::tempdir().unwrap();
     let config = plaintext_config(dir.path());
     let aggregator = start(&config).await;
-    let mut stream = open(
-        plaintext_channel(&aggregator).await,
-        hello(NODE, "spool-a"),
-        None,
-    )
-    .await
-    .unwrap();
+    let mut stream = open_plaintext(&aggregator, hello(NODE, "spool-a")).await;
     stream
         .store(batch(1, power_series(), vec![sample(1, 0, 1.0)]))
         .await;
@@ -233,13 +215,7 @@ async fn a_torn_record_at_the_end_of_the_log_is_cut_at_restart() {
     assert_eq!((torn.offset, torn.bytes_cut), (whole, 41));
     assert_eq!(aggregator.replay_report().records, 1);
     assert_eq!(aggregator.store().high_water(NODE, "spool-a"), Some(1));
-    let mut stream = open(
-        plaintext_channel(&aggregator).await,
-        hello(NODE, "spool-a"),
-        None,
-    )
-    .await
-    .unwrap();
+    let mut stream = open_plaintext(&aggregator, hello(NODE, "spool-a")).await;
     assert_eq!(
         stream
             .store(batch(2, vec![], vec![sample(1, 0, 2.0)]))
@@ -258,13 +234,7 @@ async fn a_torn_record_at_the_end_of_the_log_is_cut_at_restart() {
 async fn bad_samples_are_rejected_with_their_reason_and_the_rest_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let aggregator = start(&plaintext_config(dir.path())).await;
-    let mut stream = open(
-        plaintext_channel(&aggregator).await,
-        hello(NODE, "spool-a"),
-        None,
-    )
-    .await
-    .unwrap();
+    let mut stream = open_plaintext(&aggregator, hello(NODE, "spool-a")).await;
     let latency = |id, deltas: &[u32], counts: &[u64], count, sum_seconds| Histogram {
         series_id: id,
         time_delta_ms: 0,
@@ -399,13 +369,7 @@ async fn series_past_the_node_limit_are_refused_and_stay_refused() {
     let mut config = plaintext_config(dir.path());
     config.limits.max_series_per_node = 2;
     let aggregator = start(&config).await;
-    let mut stream = open(
-        plaintext_channel(&aggregator).await,
-        hello(NODE, "spool-a"),
-        None,
-    )
-    .await
-    .unwrap();
+    let mut stream = open_plaintext(&aggregator, hello(NODE, "spool-a")).await;
     let mut series = power_series();
     series.push(declare(
         3,

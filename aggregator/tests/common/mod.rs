@@ -134,6 +134,13 @@ pub async fn open(
     open_with(channel, agent_message::Body::Hello(hello), token).await
 }
 
+/// A stream over plaintext, opened with `hello` and no token.
+pub async fn open_plaintext(aggregator: &RunningAggregator, hello: Hello) -> AgentStream {
+    open(plaintext_channel(aggregator).await, hello, None)
+        .await
+        .expect("stream accepted")
+}
+
 impl AgentStream {
     pub async fn send(&self, batch: Batch) {
         self.outbound
