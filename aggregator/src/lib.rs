@@ -6,7 +6,9 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod http;
 pub mod ingest;
+pub mod query;
 pub mod security;
 pub mod server;
 pub mod storage;

@@ -1,0 +1,73 @@
+//! What a query evaluates to, in the shapes of the Prometheus HTTP API.
+
+use super::source::Labels;
+use crate::storage::HistogramPoint;
+
+/// One instant-vector element or one scalar's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SampleValue {
+    Float(f64),
+    Histogram(HistogramPoint),
+}
+
+/// An element of an instant vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstantSample {
+    pub labels: Labels,
+    pub time_ms: i64,
+    pub value: SampleValue,
+}
+
+/// A series of a range vector or of a range query's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangeSeries {
+    pub labels: Labels,
+    pub points: Vec<(i64, SampleValue)>,
+}
+
+/// A query's result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Scalar { time_ms: i64, value: f64 },
+    String { time_ms: i64, value: String },
+    Vector(Vec<InstantSample>),
+    Matrix(Vec<RangeSeries>),
+}
+
+impl Value {
+    /// The `resultType` of the Prometheus API.
+    pub fn result_type(&self) -> &'static str {
+        match self {
+            Value::Scalar { .. } => "scalar",
+            Value::String { .. } => "string",
+            Value::Vector(_) => "vector",
+            Value::Matrix(_) => "matrix",
+        }
+    }
+}
+
+/// Why a query failed, with the Prometheus API's `errorType`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QueryError {
+    /// The expression does not parse, or uses something the engine does not support (the
+    /// message names the unsupported part). errorType `bad_data`, HTTP 400.
+    #[error("{0}")]
+    BadData(String),
+    /// The expression is valid but cannot be evaluated (wrong types at run time, too many
+    /// points). errorType `execution`, HTTP 422.
+    #[error("{0}")]
+    Execution(String),
+    /// errorType `timeout`, HTTP 503.
+    #[error("query timed out: {0}")]
+    Timeout(String),
+}
+
+impl QueryError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            QueryError::BadData(_) => "bad_data",
+            QueryError::Execution(_) => "execution",
+            QueryError::Timeout(_) => "timeout",
+        }
+    }
+}
