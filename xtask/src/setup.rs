@@ -10,7 +10,8 @@
 //!
 //! The tests and the benchmark also need `bpftrace` (a peer to compare with) and tracefs mounted
 //! (bpftrace's tracepoints), the host collector's test needs `prometheus-node-exporter` (its
-//! peer), and the build needs `protoc`.
+//! peer), the aggregator's tests need Prometheus (`promtool`), VictoriaMetrics, Alertmanager and
+//! Python's grpcio (a third-party client), and the build needs `protoc`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -121,6 +122,31 @@ const PEERS: &[Component] = &[
         name: "node_exporter",
         check: check_node_exporter,
         provider: Provider::Apt("prometheus-node-exporter"),
+    },
+    Component {
+        name: "prometheus + promtool",
+        check: || check_executable("/usr/bin/promtool", &["--version"]),
+        provider: Provider::Apt("prometheus"),
+    },
+    Component {
+        name: "victoria-metrics",
+        check: || check_executable("/usr/bin/victoria-metrics", &["-version"]),
+        provider: Provider::Apt("victoria-metrics"),
+    },
+    Component {
+        name: "alertmanager + amtool",
+        check: || check_executable("/usr/bin/amtool", &["--version"]),
+        provider: Provider::Apt("prometheus-alertmanager"),
+    },
+    Component {
+        name: "python3 grpcio (a third-party gRPC client)",
+        check: || check_python_module("grpc"),
+        provider: Provider::Apt("python3-grpcio"),
+    },
+    Component {
+        name: "python3 grpc_tools (protoc for Python)",
+        check: || check_python_module("grpc_tools.protoc"),
+        provider: Provider::Apt("python3-grpc-tools"),
     },
 ];
 
@@ -524,6 +550,29 @@ fn check_node_exporter() -> Result<String, String> {
     let version = shell::stdout_of(NODE_EXPORTER, &["--version"]).unwrap_or_default();
     let first_line = version.lines().next().unwrap_or_default().to_string();
     Ok(format!("{NODE_EXPORTER} ({first_line})"))
+}
+
+/// An executable at a fixed path; its version line as the detail.
+fn check_executable(path: &str, version_args: &[&str]) -> Result<String, String> {
+    if !shell::is_executable(Path::new(path)) {
+        return Err(format!("{path} not found"));
+    }
+    let version = shell::stdout_of(path, version_args).unwrap_or_default();
+    let first_line = version.lines().next().unwrap_or_default().to_string();
+    Ok(format!("{path} ({first_line})"))
+}
+
+/// A module importable by Debian's python3 (`/usr/bin/python3`, which the tests run).
+fn check_python_module(module: &str) -> Result<String, String> {
+    let imported = Command::new("/usr/bin/python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if imported {
+        Ok(format!("/usr/bin/python3: import {module}"))
+    } else {
+        Err(format!("/usr/bin/python3 cannot import {module}"))
+    }
 }
 
 fn dpkg_installed(package: &str) -> bool {
