@@ -77,8 +77,7 @@ impl Default for GrpcConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address for the HTTP query API, `/metrics` and the dashboard. Reserved: this version
-    /// does not serve HTTP yet, and says so at startup when it is set.
+    /// Address for the HTTP query API, `/metrics` and the dashboard; no HTTP when unset.
     pub listen: Option<SocketAddr>,
 }
 

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod export;
 pub mod http;
 pub mod ingest;
 pub mod query;

@@ -18,7 +18,7 @@ struct Cli {
     /// gRPC ingest address (config: grpc.listen; default 127.0.0.1:7401; port 0 picks one).
     #[arg(long, value_name = "ADDR")]
     grpc_listen: Option<SocketAddr>,
-    /// HTTP address (config: http.listen). Reserved: this version serves no HTTP yet.
+    /// HTTP address for the query API and /metrics (config: http.listen).
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<SocketAddr>,
 }
@@ -71,6 +71,9 @@ fn main() -> ExitCode {
             "vigil-aggregator: grpc listening on {}",
             aggregator.grpc_addr()
         );
+        if let Some(http) = aggregator.http_addr() {
+            println!("vigil-aggregator: http listening on {http}");
+        }
         match aggregator.serve_until(stop_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

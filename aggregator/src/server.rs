@@ -1,5 +1,6 @@
 //! Starting and stopping the aggregator: checks the config's security choices, replays the
-//! write-ahead log into the store, and serves `Ingest` over gRPC until told to stop.
+//! write-ahead log into the store, and serves `Ingest` over gRPC and the query API over HTTP
+//! until told to stop.
 
 use std::{fs::File, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -15,11 +16,13 @@ use vigil_proto::v1::ingest_server::IngestServer;
 
 use crate::{
     config::AggregatorConfig,
+    http,
     ingest::{
         IngestService, IngestShared,
         admission::Limits,
         counters::{CountersSnapshot, IngestCounters},
     },
+    query::Engine,
     security::{
         AuditLog, Authenticator, TokenTable, connection::accept_loop, tls, tokens::TokensError,
     },
@@ -55,6 +58,11 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} (http.listen / --http-listen): {source}")]
+    BindHttp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr} (grpc.listen / --grpc-listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -65,6 +73,8 @@ pub enum StartError {
 /// A running aggregator.
 pub struct RunningAggregator {
     grpc_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    http_server: Option<JoinHandle<std::io::Result<()>>>,
     store: Arc<Store>,
     counters: Arc<IngestCounters>,
     replay: ReplayReport,
@@ -79,6 +89,11 @@ impl RunningAggregator {
     /// The address the gRPC server listens on (the real port when the config said 0).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The address the HTTP API listens on, when `http.listen` is set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// What is stored.
@@ -118,6 +133,14 @@ impl RunningAggregator {
     /// Ends every stream with `unavailable`, stops accepting, flushes and closes the log.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        if let Some(http) = self.http_server.take() {
+            // Graceful: in-flight queries finish; a hung one is cut after the grace period.
+            if tokio::time::timeout(SHUTDOWN_GRACE, http).await.is_err() {
+                tracing::warn!(
+                    "HTTP requests still running after {SHUTDOWN_GRACE:?}; cutting them"
+                );
+            }
+        }
         if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server)
             .await
             .is_err()
@@ -145,12 +168,6 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, Start
         .as_deref()
         .map(TokenTable::load)
         .transpose()?;
-    if let Some(http) = config.http.listen {
-        tracing::warn!(
-            "http.listen = {http} is reserved: this version serves no HTTP yet (query API and \
-             /metrics come with the storage and query issues)"
-        );
-    }
 
     let wal_dir = config.data_dir.join("wal");
     std::fs::create_dir_all(&wal_dir).map_err(|source| StartError::DataDir {
@@ -203,6 +220,33 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, Start
 
     let counters = Arc::new(IngestCounters::default());
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let (http_addr, http_server) = match config.http.listen {
+        None => (None, None),
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::BindHttp { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| StartError::BindHttp { addr, source })?;
+            let router = http::router(http::HttpState {
+                engine: Engine::new(store.clone()),
+                store: store.clone(),
+                counters: counters.clone(),
+                tokens: tokens.clone(),
+            });
+            let mut stop = shutdown_rx.clone();
+            let server = tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    })
+                    .await
+            });
+            tracing::info!("HTTP API listening on {bound}");
+            (Some(bound), Some(server))
+        }
+    };
     let wal = Arc::new(wal);
     let service = IngestService(Arc::new(IngestShared {
         store: store.clone(),
@@ -258,6 +302,8 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, Start
     );
     Ok(RunningAggregator {
         grpc_addr,
+        http_addr,
+        http_server,
         store,
         counters,
         replay,
@@ -324,6 +370,17 @@ fn check_security(config: &AggregatorConfig) -> Result<Option<TlsAcceptor>, Star
     };
     if config.auth.tokens_file.is_none() && tls_config.client_ca_file.is_none() {
         insecure("no authentication (neither auth.tokens_file nor tls.client_ca_file)")?;
+    }
+    if let Some(http) = config.http.listen
+        && !http.ip().is_loopback()
+        && config.auth.tokens_file.is_none()
+        && !tls_config.allow_insecure_non_loopback
+    {
+        return Err(StartError::Insecure(format!(
+            "the HTTP query API on non-loopback address {http} without auth.tokens_file: anyone \
+             who reaches it could read every node's telemetry; listen on 127.0.0.1, configure \
+             tokens (readers then need a reader token), or set tls.allow_insecure_non_loopback = true"
+        )));
     }
     Ok(acceptor)
 }

@@ -2,6 +2,7 @@
 //! ([`store`]).
 
 pub mod live;
+pub mod query_view;
 pub mod store;
 pub mod wal;
 
