@@ -19,8 +19,8 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::collect::write_report;
+use super::{aggregator_process::AggregatorProcess, collect::write_report};
 use crate::workspace::Workspace;
 
 const THROUGHPUT_SECONDS: u64 = 10;
@@ -38,106 +38,6 @@ const MIN_SAMPLES_PER_CORE: f64 = 1_000_000.0;
 const MAX_P99_MS: f64 = 100.0;
 const MAX_BYTES_PER_SAMPLE: f64 = 3.0;
 
-/// A running aggregator, killed (and its data directory removed) when dropped.
-struct Aggregator {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Aggregator {
-    fn start(binary: &Path, name: &str) -> Result<Self> {
-        let dir =
-            std::env::temp_dir().join(format!("vigil-bench-ingest-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data"))?;
-        let config = dir.join("aggregator.toml");
-        std::fs::write(&config, "[tls]\nplaintext = true\n")?;
-        let log = std::fs::File::create(dir.join("aggregator.log"))?;
-        let mut child = Command::new(binary)
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(["--grpc-listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take().context("aggregator stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut aggregator = Aggregator {
-            child,
-            port: 0,
-            dir,
-        };
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .context("vigil-aggregator printed no ready line within 20 s")?;
-        aggregator.port = line
-            .trim()
-            .strip_prefix("vigil-aggregator: grpc listening on 127.0.0.1:")
-            .and_then(|port| port.parse().ok())
-            .with_context(|| format!("unexpected ready line from vigil-aggregator: {line:?}"))?;
-        Ok(aggregator)
-    }
-
-    /// utime + stime so far, in seconds.
-    fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the command name in parentheses: state is field 3, utime 14, stime 15.
-        let rest = stat.rsplit_once(')').context("/proc/pid/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        Ok(ticks / hz)
-    }
-
-    /// Peak resident memory, MiB.
-    fn peak_rss_mib(&self) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            })
-            .map_or(0.0, |kib| kib / 1024.0)
-    }
-
-    fn data_bytes(&self) -> u64 {
-        fn size(path: &Path) -> u64 {
-            match std::fs::symlink_metadata(path) {
-                Ok(meta) if meta.is_dir() => std::fs::read_dir(path)
-                    .map(|dir| dir.filter_map(|e| e.ok()).map(|e| size(&e.path())).sum())
-                    .unwrap_or(0),
-                Ok(meta) => meta.len(),
-                Err(_) => 0,
-            }
-        }
-        size(&self.dir.join("data"))
-    }
-}
-
-impl Drop for Aggregator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// One generator run against a fresh aggregator: the generator's report plus the
-/// aggregator's CPU, memory and WAL figures.
 fn run_once(
     ws: &Workspace,
     name: &str,
@@ -145,15 +45,37 @@ fn run_once(
     budget: Duration,
 ) -> Result<Value> {
     let release = ws.target.join("release");
-    let aggregator = Aggregator::start(&release.join("vigil-aggregator"), name)?;
+    let dir =
+        std::env::temp_dir().join(format!("vigil-bench-ingest-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let aggregator = AggregatorProcess::start(
+        &release.join("vigil-aggregator"),
+        &dir,
+        "[tls]\nplaintext = true\n",
+        false,
+    )?;
+    let report = drive(&release, &aggregator, name, generator_args, budget);
+    drop(aggregator);
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+}
+
+/// Runs the generator against `aggregator` and adds the aggregator's figures to its report.
+fn drive(
+    release: &Path,
+    aggregator: &AggregatorProcess,
+    name: &str,
+    generator_args: &[String],
+    budget: Duration,
+) -> Result<Value> {
     let cpu_at_start = aggregator.cpu_seconds()?;
     eprintln!(
         "bench ingest: {name}: ingest-load {} against 127.0.0.1:{}",
         generator_args.join(" "),
-        aggregator.port
+        aggregator.grpc_port
     );
     let mut generator = Command::new(release.join("ingest-load"))
-        .args(["--endpoint", &format!("127.0.0.1:{}", aggregator.port)])
+        .args(["--endpoint", &format!("127.0.0.1:{}", aggregator.grpc_port)])
         .args(generator_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -209,7 +131,7 @@ fn run_once(
         "cpu_s": cpu_at_end - cpu_at_send,
         "cpu_s_declaring": cpu_at_send - cpu_at_start,
         "peak_rss_mib": aggregator.peak_rss_mib(),
-        "wal_bytes": aggregator.data_bytes(),
+        "wal_bytes": aggregator.data_bytes(""),
     });
     Ok(report)
 }

@@ -1,9 +1,11 @@
 //! `cargo xtask bench NAME`: benchmarks that need the release build and a real kernel.
 
+mod aggregator_process;
 mod collect;
 mod gpu;
 mod ingest;
 mod probe_process;
+mod storage;
 mod syscall_overhead;
 
 use anyhow::Result;
@@ -33,6 +35,12 @@ pub struct BenchArgs {
     /// ingest: simulated agents in the second, lighter latency run.
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u32).range(1..=5000))]
     light_agents: u32,
+    /// storage: hours of 1 s data in the float run.
+    #[arg(long, default_value_t = 24.0)]
+    hours: f64,
+    /// storage: nodes in the histogram run.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    nodes: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -47,6 +55,9 @@ enum BenchName {
     /// Samples/s per aggregator core, ack latency and bytes per sample with simulated agents
     /// (target/release/ingest-load) against the release aggregator on 127.0.0.1.
     Ingest,
+    /// Bytes per sample on disk (against Prometheus's TSDB on the same data), memory per
+    /// series and query latency of the aggregator's store (target/release/storage-load).
+    Storage,
 }
 
 pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
@@ -57,6 +68,7 @@ pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
         BenchName::Ingest => {
             ingest::run(ws, args.throughput_agents, args.agents, args.light_agents)
         }
+        BenchName::Storage => storage::run(ws, args.hours, args.nodes),
     }
 }
 
