@@ -1,6 +1,7 @@
 //! `cargo xtask bench NAME`: benchmarks that need the release build and a real kernel.
 
 mod aggregator_process;
+mod anomaly;
 mod collect;
 mod gpu;
 mod ingest;
@@ -58,6 +59,9 @@ enum BenchName {
     /// Bytes per sample on disk (against Prometheus's TSDB on the same data), memory per
     /// series and query latency of the aggregator's store (target/release/storage-load).
     Storage,
+    /// Precision, recall and false alarms per series-day of the anomaly detector on generated
+    /// series (target/release/anomaly-eval).
+    Anomaly,
 }
 
 pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
@@ -69,6 +73,7 @@ pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
             ingest::run(ws, args.throughput_agents, args.agents, args.light_agents)
         }
         BenchName::Storage => storage::run(ws, args.hours, args.nodes),
+        BenchName::Anomaly => anomaly::run(ws),
     }
 }
 
