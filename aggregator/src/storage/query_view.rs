@@ -1,6 +1,8 @@
 //! The store as queries see it ([`SeriesSource`]): every series with `__name__` and `node`
 //! labels, and each histogram series also as classic `_bucket`/`_count`/`_sum` float series.
 
+use std::sync::Arc;
+
 use vigil_agent_common::histogram::bucket_upper_bound_ns;
 
 use super::{HistogramPoint, MetricKind, Point, PointValue, Store, StoredSeries};
@@ -135,19 +137,61 @@ fn samples_of_view(points: &[Point], view: View) -> Samples {
 }
 
 impl Store {
-    /// Every matching view of every series with points in the range.
-    fn matching(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<SelectedSeries> {
-        let mut out = Vec::new();
-        for series in self.series() {
-            let points: Vec<Point> = self
-                .samples_of(series.id)
-                .into_iter()
-                .filter(|point| point.time_ms >= start_ms && point.time_ms <= end_ms)
-                .collect();
+    /// The candidates from the inverted index. A float series has one view, whose labels are
+    /// known without its points: it is checked here, before anything is read. Histograms'
+    /// bucket views depend on the points.
+    fn prefiltered(&self, matchers: &[Matcher]) -> Vec<Arc<StoredSeries>> {
+        self.candidates(matchers)
+            .into_iter()
+            .filter(|series| {
+                series.kind == MetricKind::Histogram || {
+                    let labels = base_labels(series, &series.name);
+                    matchers.iter().all(|m| m.matches_labels(&labels))
+                }
+            })
+            .collect()
+    }
+
+    /// The labels of every matching view with points in the range, without their samples:
+    /// float series are only decoded when no chunk lies wholly inside the range.
+    fn matching_labels(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<Labels> {
+        let (histograms, floats): (Vec<_>, Vec<_>) = self
+            .prefiltered(matchers)
+            .into_iter()
+            .partition(|series| series.kind == MetricKind::Histogram);
+        let mut out: Vec<Labels> = floats
+            .iter()
+            .zip(self.have_points(&floats, start_ms, end_ms))
+            .filter(|(_, has)| *has)
+            .map(|(series, _)| base_labels(series, &series.name))
+            .collect();
+        let points = self.points_in_range(&histograms, start_ms, end_ms);
+        for (series, points) in histograms.iter().zip(points) {
             if points.is_empty() {
                 continue;
             }
-            for (labels, view) in views(&series, &points) {
+            out.extend(
+                views(series, &points)
+                    .into_iter()
+                    .map(|(labels, _)| labels)
+                    .filter(|labels| matchers.iter().all(|m| m.matches_labels(labels))),
+            );
+        }
+        out.sort();
+        out
+    }
+
+    /// Every matching view of every series with points in the range: the inverted index
+    /// chooses the candidates, and only their chunks that overlap the range are decoded.
+    fn matching(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<SelectedSeries> {
+        let candidates = self.prefiltered(matchers);
+        let points = self.points_in_range(&candidates, start_ms, end_ms);
+        let mut out = Vec::new();
+        for (series, points) in candidates.iter().zip(points) {
+            if points.is_empty() {
+                continue;
+            }
+            for (labels, view) in views(series, &points) {
                 if matchers.iter().all(|m| m.matches_labels(&labels)) {
                     out.push(SelectedSeries {
                         labels,
@@ -167,17 +211,14 @@ impl SeriesSource for Store {
     }
 
     fn series_labels(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<Labels> {
-        self.matching(matchers, start_ms, end_ms)
-            .into_iter()
-            .map(|series| series.labels)
-            .collect()
+        self.matching_labels(matchers, start_ms, end_ms)
     }
 
     fn label_names(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<String> {
         let mut names: Vec<String> = self
-            .matching(matchers, start_ms, end_ms)
+            .matching_labels(matchers, start_ms, end_ms)
             .into_iter()
-            .flat_map(|series| series.labels.into_iter().map(|(name, _)| name))
+            .flat_map(|labels| labels.into_iter().map(|(name, _)| name))
             .collect();
         names.sort();
         names.dedup();
@@ -192,11 +233,10 @@ impl SeriesSource for Store {
         end_ms: i64,
     ) -> Vec<String> {
         let mut values: Vec<String> = self
-            .matching(matchers, start_ms, end_ms)
+            .matching_labels(matchers, start_ms, end_ms)
             .into_iter()
-            .filter_map(|series| {
-                series
-                    .labels
+            .filter_map(|labels| {
+                labels
                     .into_iter()
                     .find(|(label, _)| label == name)
                     .map(|(_, value)| value)

@@ -9,6 +9,11 @@
 //! accumulated and calls `fdatasync` once for all of it, then publishes the highest durable
 //! [`Lsn`]. While it syncs, new appends gather for the next round.
 //!
+//! Checkpoints ([`Wal::rotate`], then [`Wal::remove_segments_before`]): the store rotates the
+//! log to a new segment while no record can be appended, saves everything the older segments
+//! hold, and then deletes them. [`Wal::open_from`] replays only the segments from the first one
+//! after the last checkpoint and deletes older ones left by a crash before their deletion.
+//!
 //! On open, every segment is replayed in order. A record that is cut short or fails its CRC in
 //! the last segment is a torn write from a crash: the segment is truncated there, reported,
 //! and the aggregator starts. The same in an earlier segment is real corruption and stops it.
@@ -110,15 +115,24 @@ struct Pending {
     buffer: Vec<u8>,
     last_appended: Lsn,
     shutting_down: bool,
+    /// A checkpoint asked for a new segment after what is buffered.
+    rotate_requested: bool,
+    /// The flusher's answer: the new segment's number.
+    rotated: Option<Result<u64, String>>,
+    /// The flusher has ended (shutdown or failure).
+    flusher_stopped: bool,
 }
 
 struct Shared {
     pending: Mutex<Pending>,
     wake_flusher: Condvar,
+    /// Signalled when a rotation is done or the flusher stops.
+    rotated: Condvar,
 }
 
 /// The open write-ahead log.
 pub struct Wal {
+    dir: PathBuf,
     shared: Arc<Shared>,
     durable: watch::Receiver<Durability>,
     flusher: Option<JoinHandle<()>>,
@@ -130,6 +144,17 @@ impl Wal {
     pub fn open(
         dir: &Path,
         segment_bytes: u64,
+        apply: impl FnMut(WalRecord),
+    ) -> Result<(Wal, ReplayReport), WalError> {
+        Wal::open_from(dir, segment_bytes, 0, apply)
+    }
+
+    /// [`Wal::open`] after a checkpoint that holds everything before segment `first_segment`:
+    /// older segments are deleted unread, the rest replayed.
+    pub fn open_from(
+        dir: &Path,
+        segment_bytes: u64,
+        first_segment: u64,
         mut apply: impl FnMut(WalRecord),
     ) -> Result<(Wal, ReplayReport), WalError> {
         let io = |path: &Path| {
@@ -137,6 +162,7 @@ impl Wal {
             move |source| WalError::Io { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        remove_segments(dir, first_segment)?;
         let segments = list_segments(dir)?;
         let mut report = ReplayReport {
             segments: segments.len(),
@@ -146,7 +172,11 @@ impl Wal {
             let is_last = position + 1 == segments.len();
             replay_segment(path, is_last, &mut report, &mut apply)?;
         }
-        let next_number = segments.last().map_or(1, |(number, _)| number + 1);
+        // Never below `first_segment`: a segment numbered lower would be deleted unread.
+        let next_number = segments
+            .last()
+            .map_or(1, |(number, _)| number + 1)
+            .max(first_segment);
         let segment = Segment::create(dir, next_number)?;
 
         let (durable_tx, durable) = watch::channel(Durability::Through(Lsn(0)));
@@ -155,19 +185,30 @@ impl Wal {
                 buffer: Vec::new(),
                 last_appended: Lsn(0),
                 shutting_down: false,
+                rotate_requested: false,
+                rotated: None,
+                flusher_stopped: false,
             }),
             wake_flusher: Condvar::new(),
+            rotated: Condvar::new(),
         });
         let flusher = {
             let shared = shared.clone();
             let flusher_dir = dir.to_owned();
             std::thread::Builder::new()
                 .name("vigil-wal-flush".into())
-                .spawn(move || flush_loop(&shared, flusher_dir, segment, segment_bytes, durable_tx))
+                .spawn(move || {
+                    flush_loop(&shared, flusher_dir, segment, segment_bytes, durable_tx);
+                    if let Ok(mut pending) = shared.pending.lock() {
+                        pending.flusher_stopped = true;
+                    }
+                    shared.rotated.notify_all();
+                })
                 .map_err(io(dir))?
         };
         Ok((
             Wal {
+                dir: dir.to_owned(),
                 shared,
                 durable,
                 flusher: Some(flusher),
@@ -210,6 +251,40 @@ impl Wal {
             Durability::Through(_) => Ok(()),
             Durability::Failed(why) => Err(WalError::Failed(why)),
         }
+    }
+
+    /// Writes and syncs everything appended so far, then starts a new segment and returns its
+    /// number: every record appended before the call is in an older segment, every later one
+    /// in this one or a newer one. The caller keeps appends out while it runs (the store lock).
+    pub fn rotate(&self) -> Result<u64, WalError> {
+        self.durable_through()?;
+        let mut pending = self.shared.pending.lock().expect("wal lock poisoned");
+        pending.rotate_requested = true;
+        pending.rotated = None;
+        self.shared.wake_flusher.notify_one();
+        loop {
+            if let Some(result) = pending.rotated.take() {
+                return result.map_err(WalError::Failed);
+            }
+            if pending.flusher_stopped {
+                return Err(WalError::Failed("the flusher stopped".into()));
+            }
+            pending = self
+                .shared
+                .rotated
+                .wait(pending)
+                .expect("wal lock poisoned");
+        }
+    }
+
+    /// Deletes the segments numbered below `number` (after a checkpoint saved what they hold).
+    pub fn remove_segments_before(&self, number: u64) -> Result<usize, WalError> {
+        remove_segments(&self.dir, number)
+    }
+
+    /// The segment files now in the log's folder.
+    pub fn segment_count(&self) -> usize {
+        list_segments(&self.dir).map_or(0, |segments| segments.len())
     }
 
     /// The highest durable record, or the failure that stopped the log.
@@ -280,24 +355,28 @@ fn flush_loop(
 ) {
     let mut spare = Vec::new();
     loop {
-        let (buffer, through) = {
+        let (buffer, through, rotate) = {
             let mut pending = shared.pending.lock().expect("wal lock poisoned");
-            while pending.buffer.is_empty() && !pending.shutting_down {
+            while pending.buffer.is_empty() && !pending.shutting_down && !pending.rotate_requested {
                 pending = shared
                     .wake_flusher
                     .wait(pending)
                     .expect("wal lock poisoned");
             }
-            if pending.buffer.is_empty() {
+            if pending.buffer.is_empty() && !pending.rotate_requested {
                 return;
             }
             spare.clear();
             (
                 std::mem::replace(&mut pending.buffer, std::mem::take(&mut spare)),
                 pending.last_appended,
+                std::mem::take(&mut pending.rotate_requested),
             )
         };
         let result = (|| {
+            if buffer.is_empty() {
+                return Ok(());
+            }
             if segment.len >= segment_bytes {
                 let number = segment_number(&segment.path).unwrap_or(0) + 1;
                 segment = Segment::create(&dir, number)?;
@@ -310,17 +389,34 @@ fn flush_loop(
             segment.file.sync_data().map_err(io)?;
             segment.len += buffer.len() as u64;
             Ok::<(), WalError>(())
-        })();
+        })()
+        .and_then(|()| {
+            if rotate {
+                let number = segment_number(&segment.path).unwrap_or(0) + 1;
+                segment = Segment::create(&dir, number)?;
+            }
+            Ok(())
+        });
         spare = buffer;
+        let answer = |result: Result<u64, String>| {
+            if rotate {
+                if let Ok(mut pending) = shared.pending.lock() {
+                    pending.rotated = Some(result);
+                }
+                shared.rotated.notify_all();
+            }
+        };
         match result {
             Ok(()) => {
                 durable.send_replace(Durability::Through(through));
+                answer(Ok(segment_number(&segment.path).unwrap_or(0)));
             }
             Err(error) => {
                 // After a failed fsync the page cache cannot be trusted: stop acknowledging
                 // for good rather than retry (the "fsyncgate" lesson).
                 tracing::error!("{error}");
                 durable.send_replace(Durability::Failed(error.to_string()));
+                answer(Err(error.to_string()));
                 return;
             }
         }
@@ -333,6 +429,29 @@ fn segment_number(path: &Path) -> Option<u64> {
         .strip_suffix(".wal")?
         .parse()
         .ok()
+}
+
+/// Deletes the segments numbered below `number`, then syncs the folder.
+fn remove_segments(dir: &Path, number: u64) -> Result<usize, WalError> {
+    let mut removed = 0;
+    for (n, path) in list_segments(dir)? {
+        if n < number {
+            std::fs::remove_file(&path).map_err(|source| WalError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| WalError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    Ok(removed)
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
@@ -527,6 +646,49 @@ mod tests {
         let torn = report.torn_tail.expect("the torn record is reported");
         assert_eq!((torn.offset, torn.bytes_cut), (whole, 10));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+    }
+
+    #[tokio::test]
+    async fn rotation_splits_the_log_and_open_from_skips_and_deletes_older_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = {
+            let (wal, _) = Wal::open(dir.path(), 1 << 20, |_| {}).unwrap();
+            for sequence in 1..=3 {
+                wal.append(&record(sequence));
+            }
+            // Buffered records go to the old segment before the new one starts.
+            let start = wal.rotate().unwrap();
+            wal.wait_durable(Lsn(3)).await.unwrap();
+            let lsn = wal.append(&record(4));
+            wal.wait_durable(lsn).await.unwrap();
+            assert_eq!(wal.segment_count(), 2);
+            start
+        };
+        let mut seen = Vec::new();
+        let (wal, report) = Wal::open_from(dir.path(), 1 << 20, start, |r| {
+            seen.push(r.batch.unwrap().sequence)
+        })
+        .unwrap();
+        assert_eq!(seen, vec![4]);
+        assert_eq!(report.records, 1);
+        // The older segment is gone; the log goes on in a new one after `start`.
+        let numbers: Vec<u64> = list_segments(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(numbers, vec![start, start + 1]);
+        assert_eq!(wal.remove_segments_before(start + 1).unwrap(), 1);
+        // Opening from a segment past all of them keeps numbering at or above it.
+        drop(wal);
+        let (_wal, report) = Wal::open_from(dir.path(), 1 << 20, start + 10, |_| {}).unwrap();
+        assert_eq!(report.records, 0);
+        let numbers: Vec<u64> = list_segments(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(numbers, vec![start + 10]);
     }
 
     #[tokio::test]
