@@ -3,11 +3,35 @@
 use super::source::Labels;
 use crate::storage::HistogramPoint;
 
+/// A histogram as queries compute it: like a stored [`HistogramPoint`], but with float counts,
+/// because `rate`, `avg` and friends make fractional counts.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FloatHistogram {
+    pub count: f64,
+    pub sum_seconds: f64,
+    /// `(bucket index, count)`: non-cumulative log-linear buckets in increasing index order.
+    pub buckets: Vec<(u32, f64)>,
+}
+
+impl From<&HistogramPoint> for FloatHistogram {
+    fn from(point: &HistogramPoint) -> FloatHistogram {
+        FloatHistogram {
+            count: point.count as f64,
+            sum_seconds: point.sum_seconds,
+            buckets: point
+                .buckets
+                .iter()
+                .map(|(index, count)| (*index, *count as f64))
+                .collect(),
+        }
+    }
+}
+
 /// One instant-vector element or one scalar's value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SampleValue {
     Float(f64),
-    Histogram(HistogramPoint),
+    Histogram(FloatHistogram),
 }
 
 /// An element of an instant vector.
