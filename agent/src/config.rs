@@ -10,6 +10,7 @@ use crate::{
     collectors::{
         gpu::GpuConfig, host::HostConfig, process::ProcessConfig, syscalls::SyscallsConfig,
     },
+    exposition::MetricsConfig,
     selection::SelectionConfig,
     transport::TransportConfig,
 };
@@ -34,6 +35,8 @@ pub struct AgentConfig {
     pub attribution: AttributionConfig,
     /// Streaming to the aggregator for `vigil-agent run` (`[transport]`).
     pub transport: TransportConfig,
+    /// The agent's own `/metrics` endpoint for `vigil-agent run` (`[metrics]`).
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +116,11 @@ mod tests {
         let start = readme.find("```toml\n").expect("README has a toml example") + 8;
         let end = start + readme[start..].find("```").unwrap();
         let config: AgentConfig = toml::from_str(&readme[start..end]).unwrap();
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9465".parse().unwrap()),
+            "the README's example serves /metrics"
+        );
         config.syscalls.histogram_syscall_numbers().unwrap();
         crate::selection::ProcessSelector::new(&config.selection, &[]).unwrap();
     }

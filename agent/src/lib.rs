@@ -7,6 +7,7 @@
 pub mod attribution;
 pub mod collectors;
 pub mod config;
+pub mod exposition;
 pub mod pass;
 pub mod sample;
 pub mod selection;

@@ -25,6 +25,7 @@ use super::{
 use crate::{
     collectors::{CollectorStatus, error_chain},
     config::AgentConfig,
+    exposition::Exposition,
     pass::{CollectionPass, PassSetupError},
     sample::{Labels, Sample, SampleValue},
     snapshot::node_name,
@@ -59,6 +60,12 @@ pub enum RunError {
     Runtime(#[source] std::io::Error),
     #[error("cannot listen for SIGTERM")]
     Signal(#[source] std::io::Error),
+    #[error("cannot serve /metrics on {addr} (metrics.listen)")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -101,6 +108,20 @@ pub fn run_agent(config: &AgentConfig, track: &[String]) -> Result<(), RunError>
         None => None,
     };
 
+    // Bound before anything starts, so a taken port fails the start.
+    let metrics_listener = match config.metrics.listen {
+        None => None,
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+                .map_err(|source| RunError::MetricsListen { addr, source })?;
+            tracing::info!(
+                "serving /metrics on {}",
+                listener.local_addr().unwrap_or(addr)
+            );
+            Some((addr, listener))
+        }
+    };
     let spool = Spool::open(&transport.spool_dir, transport.spool_max_bytes)?;
     tracing::info!(
         spool = %transport.spool_dir.display(),
@@ -131,6 +152,11 @@ pub fn run_agent(config: &AgentConfig, track: &[String]) -> Result<(), RunError>
     let feedback = Arc::new(SenderFeedback::default());
     let (spooled_tx, spooled_rx) = watch::channel(0u64);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // `/metrics` (when `[metrics] listen` is set) shows what each pass collected.
+    let exposition = config
+        .metrics
+        .listen
+        .map(|_| Arc::new(Exposition::new(node_name())));
 
     // The collection thread: started first so a config it cannot run with fails fast.
     let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
@@ -140,6 +166,7 @@ pub fn run_agent(config: &AgentConfig, track: &[String]) -> Result<(), RunError>
         let track = track.to_vec();
         let spool = spool.clone();
         let feedback = feedback.clone();
+        let exposition = exposition.clone();
         std::thread::Builder::new()
             .name("collection".into())
             .spawn(move || {
@@ -161,6 +188,7 @@ pub fn run_agent(config: &AgentConfig, track: &[String]) -> Result<(), RunError>
                     feedback,
                     spooled: spooled_tx,
                     statuses: BTreeMap::new(),
+                    exposition,
                 }
                 .run(&stop_rx);
             })
@@ -180,6 +208,21 @@ pub fn run_agent(config: &AgentConfig, track: &[String]) -> Result<(), RunError>
         .build()
         .map_err(RunError::Runtime)?;
     let result = runtime.block_on(async {
+        let metrics = match (metrics_listener, exposition) {
+            (Some((addr, listener)), Some(exposition)) => {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|source| RunError::MetricsListen { addr, source })?;
+                let mut stop = shutdown_rx.clone();
+                Some(tokio::spawn(crate::exposition::serve(
+                    listener,
+                    exposition,
+                    async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    },
+                )))
+            }
+            _ => None,
+        };
         let sender = tokio::spawn(run_sender(
             settings,
             spool.clone(),
@@ -201,6 +244,9 @@ pub fn run_agent(config: &AgentConfig, track: &[String]) -> Result<(), RunError>
         }
         let _ = shutdown_tx.send(true);
         let _ = sender.await;
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
         Ok(())
     });
     let spool = spool.lock().unwrap();
@@ -220,6 +266,7 @@ struct CollectionLoop {
     feedback: Arc<SenderFeedback>,
     spooled: watch::Sender<u64>,
     statuses: BTreeMap<&'static str, CollectorStatus>,
+    exposition: Option<Arc<Exposition>>,
 }
 
 impl CollectionLoop {
@@ -251,8 +298,31 @@ impl CollectionLoop {
                         tracing::warn!(collector = collector.name(), "unavailable: {reason}")
                     }
                 }
+                // Told to the aggregator too, so the dashboard can say why a view is empty.
+                let (name, reason) = match &status {
+                    CollectorStatus::Ok => ("ok", String::new()),
+                    CollectorStatus::Degraded(reason) => ("degraded", reason.clone()),
+                    CollectorStatus::Unavailable(reason) => ("unavailable", reason.clone()),
+                };
+                let labels = Labels::from([
+                    ("collector".to_string(), collector.name().to_string()),
+                    ("status".to_string(), name.to_string()),
+                ]);
+                events.push(crate::sample::Event::now(
+                    "collector_status",
+                    labels,
+                    reason,
+                ));
                 self.statuses.insert(collector.name(), status);
             }
+            samples.push(Sample {
+                name: "vigil_agent_collector_up",
+                labels: Labels::from([("collector".to_string(), collector.name().to_string())]),
+                value: SampleValue::Value(match self.statuses.get(collector.name()) {
+                    Some(CollectorStatus::Unavailable(_)) => 0.0,
+                    _ => 1.0,
+                }),
+            });
             samples.extend(collector.samples());
             events.extend(collector.take_events());
         }
@@ -261,6 +331,9 @@ impl CollectionLoop {
         }
         let mut spool = self.spool.lock().unwrap();
         samples.extend(self_metrics(&spool, &self.feedback));
+        if let Some(exposition) = &self.exposition {
+            exposition.record_pass(&samples, &self.statuses, spool.acked());
+        }
         let batch = self
             .encoder
             .encode(spool.next_sequence(), time_ms, &samples, &events);

@@ -40,8 +40,14 @@ pub struct Sample {
 
 /// The HTTP body of a remote-write request: the protobuf, snappy block-compressed.
 pub fn encode(request: &WriteRequest) -> Vec<u8> {
+    compress(&request.encode_to_vec())
+}
+
+/// Snappy block compression of an already encoded `WriteRequest` (the queue keeps records
+/// encoded, and encoded requests concatenate into one).
+pub fn compress(encoded: &[u8]) -> Vec<u8> {
     snap::raw::Encoder::new()
-        .compress_vec(&request.encode_to_vec())
+        .compress_vec(encoded)
         .expect("snappy compresses any input below 4 GiB")
 }
 
