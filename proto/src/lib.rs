@@ -2,7 +2,8 @@
 //! docs/protocol.md). Generated code only: encoding and validation live with the agent's
 //! transport and the aggregator's ingest.
 
-/// The `vigil.v1` package: messages and the `Ingest` service (client and server).
+/// The `vigil.v1` package: messages and the `Ingest`, `Query` and `Alerts` services (client and
+/// server).
 pub mod v1 {
     tonic::include_proto!("vigil.v1");
 }

@@ -9,8 +9,10 @@
 //! `run` (e.g. a JSON snapshot to pipe into jq) and the benchmark's report.
 
 mod bench;
+mod demo;
 mod ebpf;
 mod gpu_check;
+mod package;
 mod setup;
 mod shell;
 mod workspace;
@@ -59,6 +61,12 @@ enum Task {
     },
     /// Build, then run a benchmark and write its figures under target/bench/.
     Bench(bench::BenchArgs),
+    /// Build, then the .deb and .rpm packages of both binaries and an OCI image, into
+    /// target/packages/ (packages.json lists them).
+    Package,
+    /// Build, then run the aggregator, an agent on this node and (when no real model server
+    /// runs) a synthetic model server, and print the dashboard's URL. Ctrl-C stops it all.
+    Demo(demo::DemoArgs),
     /// On a machine with an NVIDIA GPU: compare the agent's GPU readings with nvidia-smi.
     GpuCheck {
         /// Use this agent binary instead of building one (a GPU machine may lack the toolchain).
@@ -94,6 +102,8 @@ fn run_task(task: Task) -> Result<()> {
             build(&ws)?;
             bench::run(&ws, &args)
         }
+        Task::Package => package::run(&ws).map(drop),
+        Task::Demo(args) => demo::run(&ws, &args),
         Task::GpuCheck { agent, duration } => {
             let agent = match agent {
                 Some(agent) => agent,

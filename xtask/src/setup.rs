@@ -11,7 +11,9 @@
 //! The tests and the benchmark also need `bpftrace` (a peer to compare with) and tracefs mounted
 //! (bpftrace's tracepoints), the host collector's test needs `prometheus-node-exporter` (its
 //! peer), the aggregator's tests need Prometheus (`promtool`), VictoriaMetrics, Alertmanager and
-//! Python's grpcio (a third-party client), and the build needs `protoc`.
+//! Python's grpcio (a third-party client), and the build needs `protoc`. `cargo xtask package`
+//! and its tests need cargo-deb, cargo-generate-rpm, umoci, lintian, rpm, rpmlint and
+//! kubernetes-validate (PyPI, in a venv at `target/tools/kubernetes-validate/`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +34,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const TRACEFS: &str = "/sys/kernel/tracing";
 /// Where Debian's prometheus-node-exporter installs node_exporter.
 const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
+/// Package tools for `cargo xtask package`, at versions that build with Rust 1.95.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+const CARGO_GENERATE_RPM_VERSION: &str = "0.21.1";
+/// Checks Kubernetes manifests offline against the API schemas it bundles.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 /// The toolchain that builds the eBPF crate, as found (or installed) by [`ensure`].
 pub struct EbpfToolchain {
@@ -63,6 +70,11 @@ enum Provider {
     BpfLinkerForDebian,
     /// A rustup command; never run automatically (setup installs Debian's toolchain instead).
     Rustup(&'static str),
+    /// `cargo install --locked CRATE --version VERSION`.
+    CargoInstall(&'static str, &'static str),
+    /// `pip install PACKAGE==VERSION` into its own venv under `target/tools/` (Debian's python3
+    /// refuses system-wide pip installs).
+    PythonVenv(&'static str, &'static str),
 }
 
 const DEBIAN_TOOLCHAIN: &[Component] = &[
@@ -134,6 +146,16 @@ const PEERS: &[Component] = &[
         provider: Provider::Apt("victoria-metrics"),
     },
     Component {
+        name: "chromium (headless, the dashboard's browser tests)",
+        check: || check_executable("/usr/bin/chromium", &["--version"]),
+        provider: Provider::Apt("chromium"),
+    },
+    Component {
+        name: "chromedriver (drives chromium for the browser tests)",
+        check: || check_executable("/usr/bin/chromedriver", &["--version"]),
+        provider: Provider::Apt("chromium-driver"),
+    },
+    Component {
         name: "alertmanager + amtool",
         check: || check_executable("/usr/bin/amtool", &["--version"]),
         provider: Provider::Apt("prometheus-alertmanager"),
@@ -147,6 +169,51 @@ const PEERS: &[Component] = &[
         name: "python3 grpc_tools (protoc for Python)",
         check: || check_python_module("grpc_tools.protoc"),
         provider: Provider::Apt("python3-grpc-tools"),
+    },
+    Component {
+        name: "lintian",
+        check: || check_executable("/usr/bin/lintian", &["--version"]),
+        provider: Provider::Apt("lintian"),
+    },
+    Component {
+        name: "rpm",
+        check: || check_executable("/usr/bin/rpm", &["--version"]),
+        provider: Provider::Apt("rpm"),
+    },
+    Component {
+        name: "rpmlint",
+        check: || check_executable("/usr/bin/rpmlint", &["--version"]),
+        provider: Provider::Apt("rpmlint"),
+    },
+    Component {
+        name: "umoci (OCI images)",
+        check: || check_executable("/usr/bin/umoci", &["--version"]),
+        provider: Provider::Apt("umoci"),
+    },
+    Component {
+        name: "gpg (rpm signing)",
+        check: || check_executable("/usr/bin/gpg", &["--version"]),
+        provider: Provider::Apt("gnupg"),
+    },
+    Component {
+        name: "python3 venv",
+        check: || check_python_module("ensurepip"),
+        provider: Provider::Apt("python3-venv"),
+    },
+    Component {
+        name: "cargo-deb",
+        check: || check_cargo_subcommand("cargo-deb"),
+        provider: Provider::CargoInstall("cargo-deb", CARGO_DEB_VERSION),
+    },
+    Component {
+        name: "cargo-generate-rpm",
+        check: || check_cargo_subcommand("cargo-generate-rpm"),
+        provider: Provider::CargoInstall("cargo-generate-rpm", CARGO_GENERATE_RPM_VERSION),
+    },
+    Component {
+        name: "kubernetes-validate",
+        check: check_kubernetes_validate,
+        provider: Provider::PythonVenv("kubernetes-validate", KUBERNETES_VALIDATE_VERSION),
     },
 ];
 
@@ -294,6 +361,26 @@ fn install(needed: &[&Checked]) -> Result<()> {
         ]);
         shell::run(&mut command)?;
     }
+    for c in &missing {
+        match c.component.provider {
+            Provider::CargoInstall(krate, version) => {
+                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+                let mut command = Command::new(cargo);
+                command.args(["install", "--locked", krate, "--version", version]);
+                shell::run(&mut command)?;
+            }
+            Provider::PythonVenv(package, version) => {
+                let venv = python_venv(package);
+                let mut create = Command::new("/usr/bin/python3");
+                create.args(["-m", "venv"]).arg(&venv);
+                shell::run(&mut create)?;
+                let mut pip = Command::new(venv.join("bin/pip"));
+                pip.args(["install", "--quiet", &format!("{package}=={version}")]);
+                shell::run(&mut pip)?;
+            }
+            _ => {}
+        }
+    }
 
     for c in missing {
         let again = Checked {
@@ -361,6 +448,21 @@ fn print_instructions(debian: &[Checked], rustup: &[Checked], peers: &[Checked])
             "    apt-get update && apt-get install -y {}",
             peer_packages.join(" ")
         );
+    }
+    for c in peers.iter().filter(|c| c.result.is_err()) {
+        match c.component.provider {
+            Provider::CargoInstall(krate, version) => {
+                eprintln!("    cargo install --locked {krate} --version {version}");
+            }
+            Provider::PythonVenv(package, version) => {
+                let venv = python_venv(package);
+                eprintln!(
+                    "    /usr/bin/python3 -m venv {0} && {0}/bin/pip install {package}=={version}",
+                    venv.display()
+                );
+            }
+            _ => {}
+        }
     }
 }
 
@@ -573,6 +675,40 @@ fn check_python_module(module: &str) -> Result<String, String> {
     } else {
         Err(format!("/usr/bin/python3 cannot import {module}"))
     }
+}
+
+/// A cargo subcommand on `PATH` or where `cargo install` puts it.
+fn check_cargo_subcommand(name: &str) -> Result<String, String> {
+    let path = shell::find_in_path(name)
+        .or_else(|| {
+            let candidate = shell::cargo_home()?.join("bin").join(name);
+            shell::is_executable(&candidate).then_some(candidate)
+        })
+        .ok_or_else(|| format!("{name} not found on PATH or in ~/.cargo/bin"))?;
+    let version = shell::stdout_of(&path, &["--version"]).unwrap_or_default();
+    Ok(format!("{} ({version})", path.display()))
+}
+
+/// Where [`Provider::PythonVenv`] puts a PyPI package: `target/tools/<package>/`, a venv of
+/// its own (the packaging tests run `target/tools/kubernetes-validate/bin/kubernetes-validate`).
+pub fn python_venv(package: &str) -> PathBuf {
+    crate::workspace::Workspace::locate()
+        .target
+        .join("tools")
+        .join(package)
+}
+
+fn check_kubernetes_validate() -> Result<String, String> {
+    let program = python_venv("kubernetes-validate").join("bin/kubernetes-validate");
+    let version = shell::stdout_of(&program, &["--version"])
+        .ok_or_else(|| format!("{} not found", program.display()))?;
+    if !version.contains(KUBERNETES_VALIDATE_VERSION) {
+        return Err(format!(
+            "{} is {version}, need {KUBERNETES_VALIDATE_VERSION}",
+            program.display()
+        ));
+    }
+    Ok(format!("{} ({version})", program.display()))
 }
 
 fn dpkg_installed(package: &str) -> bool {

@@ -25,6 +25,16 @@ pub struct Limits {
     pub max_future_skew_ms: i64,
 }
 
+impl Limits {
+    pub fn from_config(limits: &crate::config::LimitsConfig) -> Limits {
+        Limits {
+            max_series_per_node: limits.max_series_per_node,
+            retention_ms: limits.retention.as_millis() as i64,
+            max_future_skew_ms: limits.max_future_skew.as_millis() as i64,
+        }
+    }
+}
+
 /// The outcome of one batch.
 #[derive(Debug)]
 pub(crate) enum Admission {
@@ -122,7 +132,7 @@ pub fn admit_batch(
 /// Applies a record read back from the write-ahead log to `store`, as the aggregator does at
 /// startup (`server::start`).
 pub fn apply_replayed(store: &Store, record: &WalRecord) {
-    store.lock().apply(record, Lsn::default());
+    store.lock().replay(record);
 }
 
 /// [`admit`] after the log check: `append` puts the record into the log (under the store's

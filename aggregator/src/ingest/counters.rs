@@ -1,5 +1,5 @@
-//! The ingest path's counters. Kept here until `/metrics` serves them (a later issue); tests
-//! and logs read them through [`IngestCounters::snapshot`].
+//! The ingest path's counters, served at `/metrics` (http/metrics.rs); tests and logs read them
+//! through [`IngestCounters::snapshot`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

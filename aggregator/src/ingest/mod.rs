@@ -26,6 +26,7 @@ use self::{
     counters::IngestCounters,
 };
 use crate::{
+    nodes::{NodePresence, NodeRegistry},
     security::{AuditEntry, AuditLog, Authenticator, ConnectionInfo},
     storage::{Store, Wal},
 };
@@ -58,6 +59,8 @@ pub struct IngestShared {
     pub(crate) max_message_bytes: usize,
     /// Turns true when the aggregator shuts down: streams end with `unavailable`.
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The fleet inventory: Hellos, batches and stream ends update it.
+    pub(crate) nodes: Arc<NodeRegistry>,
 }
 
 /// A stream's Hello, checked and authorised.
@@ -66,6 +69,8 @@ struct OpenStream {
     agent_instance: String,
     peer: Option<std::net::SocketAddr>,
     who: String,
+    /// The node counts as connected until the reader half ends and drops this.
+    _presence: NodePresence,
 }
 
 /// What the reader hands the acker, in batch order.
@@ -162,7 +167,9 @@ impl Ingest for IngestService {
             hello.agent_instance
         );
 
+        let presence = self.nodes.connected(&hello);
         let open = OpenStream {
+            _presence: presence,
             node: hello.node,
             agent_instance: hello.agent_instance,
             peer,
@@ -214,7 +221,10 @@ impl IngestShared {
                     batch,
                     now_ms(),
                 ) {
-                    Ok(admission) => Reply::Admitted(admission),
+                    Ok(admission) => {
+                        self.nodes.seen(&open.node);
+                        Reply::Admitted(admission)
+                    }
                     Err(error) => Reply::End(Status::unavailable(error.to_string())),
                 },
                 Ok(Some(AgentMessage {

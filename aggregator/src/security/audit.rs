@@ -17,7 +17,8 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AuditEntry {
     pub time: String,
-    /// `connection` (TCP accept and TLS handshake) or `stream` (an Ingest stream).
+    /// `connection` (TCP accept and TLS handshake), `stream` (an Ingest stream), or a `Query`
+    /// call: `query_instant`, `query_range`, `subscribe`, `list_nodes`.
     pub event: &'static str,
     /// `accepted` or `denied`.
     pub outcome: &'static str,

@@ -19,9 +19,10 @@ use serde::Deserialize;
 pub enum Role {
     /// Streams telemetry as its node (or any node with `node = "*"`).
     Agent,
-    /// Reads (query API, a later issue); cannot ingest.
+    /// Reads: the HTTP query API and the gRPC `Query` service; cannot ingest.
     Reader,
-    /// Administers (a later issue); cannot ingest: agents write only with agent tokens.
+    /// Reads like `reader` (administration comes later); cannot ingest: agents write only with
+    /// agent tokens.
     Admin,
 }
 
