@@ -393,7 +393,9 @@ impl AggregatorConfig {
 }
 
 /// Durations written as `"15d"`, `"5m"`, `"500ms"`.
-pub(crate) fn human_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(crate) fn human_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
     humantime::parse_duration(&text).map_err(|error| {
         serde::de::Error::custom(format!(

@@ -12,21 +12,24 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
-use vigil_proto::v1::ingest_server::IngestServer;
+use vigil_proto::v1::{ingest_server::IngestServer, query_server::QueryServer};
 
 use crate::{
     config::AggregatorConfig,
-    http,
+    export::{ExportError, Exporters},
+    http::{self, metrics::Telemetry},
     ingest::{
         IngestService, IngestShared,
         admission::Limits,
         counters::{CountersSnapshot, IngestCounters},
     },
+    nodes::NodeRegistry,
     query::Engine,
+    query_service::{LIVE_FEED_CAPACITY, LiveFeed, QueryService, QueryShared, QueryStats},
     security::{
         AuditLog, Authenticator, TokenTable, connection::accept_loop, tls, tokens::TokensError,
     },
-    storage::{ReplayReport, Store, Wal, WalError},
+    storage::{ReplayReport, Store, StoreError, StoreOptions, Wal, WalError},
 };
 
 /// How long a shutdown waits for streams to close before cutting them.
@@ -43,6 +46,14 @@ pub enum StartError {
     Tokens(#[from] TokensError),
     #[error(transparent)]
     Wal(#[from] WalError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error("{0}")]
+    Alerting(String),
+    #[error("{0}")]
+    Anomaly(String),
     #[error(
         "data directory {path} is in use by another aggregator (lock held on its LOCK file); \
          stop that one or choose another --data-dir"
@@ -77,12 +88,17 @@ pub struct RunningAggregator {
     http_server: Option<JoinHandle<std::io::Result<()>>>,
     store: Arc<Store>,
     counters: Arc<IngestCounters>,
+    telemetry: Arc<Telemetry>,
     replay: ReplayReport,
     audit_path: PathBuf,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     wal: Arc<Wal>,
+    /// Checkpoints every `storage.checkpoint_interval` until shutdown.
+    checkpointer: Option<JoinHandle<()>>,
     _lock: File,
+    alerting: Option<crate::alerting::RuleManager>,
+    exporters: Arc<Exporters>,
 }
 
 impl RunningAggregator {
@@ -104,6 +120,22 @@ impl RunningAggregator {
     /// The ingest counters now.
     pub fn counters(&self) -> CountersSnapshot {
         self.counters.snapshot()
+    }
+
+    /// What `/metrics` reads (the fleet inventory, the Query service's counters); add more
+    /// families to `/metrics` with [`Telemetry::add_writer`].
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    /// The rule manager, when `[alerting]` has rule files.
+    pub fn alerting(&self) -> Option<&crate::alerting::RuleManager> {
+        self.alerting.as_ref()
+    }
+
+    /// The remote-write exporters (`[[export.remote_write]]`).
+    pub fn exporters(&self) -> &Arc<Exporters> {
+        &self.exporters
     }
 
     /// What the write-ahead log replay found at startup.
@@ -149,6 +181,12 @@ impl RunningAggregator {
             self.server.abort();
             let _ = (&mut self.server).await;
         }
+        if let Some(checkpointer) = self.checkpointer.take() {
+            let _ = checkpointer.await;
+        }
+        if let Some(alerting) = &self.alerting {
+            alerting.stop().await;
+        }
         // Connections hold the service and with it the log: wait until they are gone.
         for _ in 0..100 {
             if Arc::strong_count(&self.wal) == 1 {
@@ -156,6 +194,24 @@ impl RunningAggregator {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The last checkpoint: the next start replays (almost) nothing.
+        let (store, wal) = (self.store.clone(), self.wal.clone());
+        // Then the file gives back the space checkpoints freed (storage/store.rs).
+        match tokio::task::spawn_blocking(move || {
+            let report = store.checkpoint(&wal);
+            if report.is_ok() {
+                store.compact_file();
+            }
+            report
+        })
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!("checkpoint at shutdown: {error}"),
+            Err(error) => tracing::error!("checkpoint at shutdown: {error}"),
+        }
+        // No batch is stored any more: write what the exporters were handed to their queues.
+        self.exporters.stop().await;
     }
 }
 
@@ -185,12 +241,22 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, Start
         });
     }
 
-    let store = Arc::new(Store::new());
+    let store = Arc::new(Store::open(
+        &config.data_dir,
+        StoreOptions {
+            retention: config.limits.retention,
+            rollup_retention: config.storage.rollup_retention,
+        },
+    )?);
     let (wal, replay) = {
+        let first_segment = store.wal_start_segment();
         let mut state = store.lock();
-        Wal::open(&wal_dir, config.wal.segment_bytes, |record| {
-            state.apply(&record, Default::default())
-        })?
+        Wal::open_from(
+            &wal_dir,
+            config.wal.segment_bytes,
+            first_segment,
+            |record| state.replay(&record),
+        )?
     };
     if replay.records > 0 || replay.torn_tail.is_some() {
         tracing::info!(
@@ -219,7 +285,58 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, Start
     })?;
 
     let counters = Arc::new(IngestCounters::default());
+    let nodes = Arc::new(NodeRegistry::new());
+    let query_stats = Arc::new(QueryStats::default());
+    let telemetry = Arc::new(Telemetry::new(nodes.clone(), query_stats.clone()));
+    let live = Arc::new(LiveFeed::new(LIVE_FEED_CAPACITY));
+    store.add_sink(live.clone());
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let wal = Arc::new(wal);
+    let alerting = crate::alerting::start_from_config(
+        config,
+        &store,
+        &wal,
+        &counters,
+        &telemetry,
+        shutdown_rx.clone(),
+    )
+    .map_err(StartError::Alerting)?;
+    // Computed samples (bottleneck verdicts, anomaly scores) are stored like rule results, each
+    // producer writing as an agent instance of its own: the rule manager's is named after
+    // `now`, so `now + 1`, `now + 2` cannot clash with it.
+    let limits = Limits::from_config(&config.limits);
+    let sample_writer = |offset: i64| {
+        Arc::new(crate::alerting::SampleWriter::new(
+            store.clone(),
+            wal.clone(),
+            counters.clone(),
+            limits,
+            &config.alerting.node,
+            crate::alerting::manager::now_ms() + offset,
+        ))
+    };
+    let verdicts = Arc::new(crate::verdict::Verdicts::new());
+    crate::verdict::start(
+        Engine::new(store.clone()),
+        sample_writer(1),
+        verdicts.clone(),
+        crate::verdict::VERDICT_INTERVAL,
+        shutdown_rx.clone(),
+    );
+    let anomaly_stats = Arc::new(crate::anomaly::scorer::ScorerStats::default());
+    let scorer = crate::anomaly::scorer::start(
+        &config.anomaly,
+        sample_writer(2),
+        anomaly_stats.clone(),
+        shutdown_rx.clone(),
+    )
+    .map_err(StartError::Anomaly)?;
+    if let Some(scorer) = scorer {
+        store.add_sink(scorer);
+        telemetry.add_writer(Arc::new(move |out: &mut String| {
+            anomaly_stats.write_metrics(out)
+        }));
+    }
     let (http_addr, http_server) = match config.http.listen {
         None => (None, None),
         Some(addr) => {
@@ -234,6 +351,11 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, Start
                 store: store.clone(),
                 counters: counters.clone(),
                 tokens: tokens.clone(),
+                telemetry: telemetry.clone(),
+                alerts: alerting.clone(),
+                nodes: nodes.clone(),
+                live: live.clone(),
+                verdicts: verdicts.clone(),
             });
             let mut stop = shutdown_rx.clone();
             let server = tokio::spawn(async move {
@@ -247,31 +369,58 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, Start
             (Some(bound), Some(server))
         }
     };
-    let wal = Arc::new(wal);
     let service = IngestService(Arc::new(IngestShared {
         store: store.clone(),
         wal: wal.clone(),
         counters: counters.clone(),
-        limits: Limits {
-            max_series_per_node: config.limits.max_series_per_node,
-            retention_ms: config.limits.retention.as_millis() as i64,
-            max_future_skew_ms: config.limits.max_future_skew.as_millis() as i64,
-        },
+        limits,
         authenticator: Authenticator {
-            tokens,
+            tokens: tokens.clone(),
             client_certificates: config.tls.client_ca_file.is_some(),
         },
         audit: audit.clone(),
         hello_timeout: config.grpc.hello_timeout,
         max_message_bytes: config.grpc.max_message_bytes,
         shutdown: shutdown_rx.clone(),
+        nodes: nodes.clone(),
     }));
+    let alerts_service = alerting.clone().map(|manager| {
+        vigil_proto::v1::alerts_server::AlertsServer::new(
+            crate::alerting::grpc::AlertsService::new(manager, tokens.clone(), audit.clone()),
+        )
+    });
+    let query = QueryServer::new(QueryService::new(QueryShared {
+        engine: Engine::new(store.clone()),
+        store: store.clone(),
+        nodes,
+        tokens,
+        audit: audit.clone(),
+        live,
+        stats: query_stats,
+        shutdown: shutdown_rx.clone(),
+    }))
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Zstd)
+    .send_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Zstd);
     let grpc = IngestServer::new(service)
         .max_decoding_message_size(config.grpc.max_message_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Zstd);
+
+    // Remote write: registered before the first stream is accepted, so every live batch is
+    // exported; started after everything that can still fail.
+    let exporters =
+        Arc::new(Exporters::start(&config.export.remote_write, &config.data_dir).await?);
+    for exporter in exporters.all() {
+        store.add_sink(exporter.clone());
+    }
+    let metrics_exporters = exporters.clone();
+    telemetry.add_writer(Arc::new(move |out: &mut String| {
+        metrics_exporters.write_metrics(out)
+    }));
 
     let (connections_tx, connections_rx) = mpsc::channel(64);
     tokio::spawn(accept_loop(
@@ -282,12 +431,20 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, Start
         counters.clone(),
         shutdown_rx.clone(),
     ));
+    let checkpointer = Some(tokio::spawn(crate::storage::checkpoint_loop(
+        store.clone(),
+        wal.clone(),
+        config.storage.checkpoint_interval,
+        shutdown_rx.clone(),
+    )));
     let mut stop = shutdown_rx;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(grpc)
+            .add_service(query)
+            .add_optional_service(alerts_service)
             .serve_with_incoming_shutdown(ReceiverStream::new(connections_rx), async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             }),
@@ -306,12 +463,16 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningAggregator, Start
         http_server,
         store,
         counters,
+        telemetry,
         replay,
         audit_path,
         shutdown,
         server,
         wal,
+        checkpointer,
         _lock: lock,
+        exporters,
+        alerting,
     })
 }
 

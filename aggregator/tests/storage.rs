@@ -1082,87 +1082,19 @@ async fn complete_windows_are_compacted_into_blocks_and_late_points_merged() {
             buckets: vec![(100, 3_888), (103, 3_889)],
         })
     );
-}
-
-/// Prints each table's figures for the store in `$VIGIL_INSPECT_STORE` (a data directory's
-/// `store.redb`): `cargo test --test storage inspect -- --ignored --nocapture`.
-#[test]
-#[ignore = "a tool: inspects the store named by VIGIL_INSPECT_STORE"]
-fn inspect_store_tables() {
-    use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
-    let path = std::env::var("VIGIL_INSPECT_STORE").expect("VIGIL_INSPECT_STORE is set");
-    let db = redb::Database::open(&path).unwrap();
-    let txn = db.begin_read().unwrap();
-    fn show(name: &str, table: &impl ReadableTableMetadata) {
-        let stats = table.stats().unwrap();
-        println!(
-            "{name:12} entries {:8} leaf pages {:6} branch pages {:4} stored {:10} metadata {:8} fragmented {:10}",
-            table.len().unwrap(),
-            stats.leaf_pages(),
-            stats.branch_pages(),
-            stats.stored_bytes(),
-            stats.metadata_bytes(),
-            stats.fragmented_bytes()
-        );
-    }
-    for name in ["series", "chunks", "heads", "events", "rollups"] {
-        let table = match name {
-            "rollups" => {
-                let t = txn
-                    .open_table(TableDefinition::<(u64, i64), &[u8]>::new(name))
-                    .unwrap();
-                show(name, &t);
-                continue;
-            }
-            _ => txn
-                .open_table(TableDefinition::<u64, &[u8]>::new(name))
-                .unwrap(),
-        };
-        show(name, &table);
-    }
-    let index = txn
-        .open_table(TableDefinition::<(u64, i64, u64), ()>::new("chunk_index"))
-        .unwrap();
-    show("chunk_index", &index);
-    let blocks = txn
-        .open_table(TableDefinition::<(i64, u64, u32), &[u8]>::new("blocks"))
-        .unwrap();
-    show("blocks", &blocks);
-    // Chunk bytes per metric name, most first.
-    let chunks = txn
-        .open_table(TableDefinition::<u64, &[u8]>::new("chunks"))
-        .unwrap();
-    let mut by_ref: std::collections::HashMap<u64, (u64, u64, u64)> = Default::default();
-    for entry in redb::ReadableTable::iter(&index).unwrap() {
-        let (key, _) = entry.unwrap();
-        let (id, _, chunk_id) = key.value();
-        let bytes = redb::ReadableTable::get(&chunks, chunk_id).unwrap().unwrap();
-        let chunk =
-            vigil_aggregator::storage::codec::Chunk::from_bytes(bytes.value()).unwrap();
-        let e = by_ref.entry(id).or_default();
-        e.0 += bytes.value().len() as u64;
-        e.1 += u64::from(chunk.count);
-        e.2 += u64::from(chunk.kind as u8 == 3);
-    }
-    drop((txn, db));
-    let copy = tempfile::tempdir().unwrap();
-    std::fs::copy(&path, copy.path().join("store.redb")).unwrap();
-    let store = Store::open(copy.path(), StoreOptions::default()).unwrap();
-    let mut by_name: std::collections::BTreeMap<String, (u64, u64, u64, u64)> = Default::default();
-    for series in store.series() {
-        let e = by_name.entry(series.name.clone()).or_default();
-        let (bytes, samples, decimal) = by_ref.get(&series.id.0).copied().unwrap_or_default();
-        e.0 += bytes;
-        e.1 += samples;
-        e.2 += decimal;
-        e.3 += 1;
-    }
-    let mut rows: Vec<_> = by_name.into_iter().collect();
-    rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.0));
-    for (name, (bytes, samples, decimal, series)) in rows {
-        println!(
-            "{name:50} series {series:4} bytes {bytes:9} B/sample {:.2} decimal chunks {decimal}",
-            bytes as f64 / samples.max(1) as f64
-        );
-    }
+    // Retention deletes whole windows that ended before its cutoff, and keeps the block the
+    // cutoff falls in (reads start at the raw floor).
+    let retention = StoreOptions::default().retention.as_millis() as i64;
+    store.apply_retention(t0 + WINDOW + 1 + retention).unwrap();
+    let kept: Vec<i64> = store
+        .samples_of(series[0].id)
+        .iter()
+        .map(|p| p.time_ms)
+        .collect();
+    let expected_kept: Vec<i64> = expected
+        .iter()
+        .map(|(t, _)| *t)
+        .filter(|t| *t >= t0 + WINDOW)
+        .collect();
+    assert_eq!(kept, expected_kept);
 }

@@ -505,6 +505,9 @@ impl ChunkEncoder {
         for point in chunk.points()? {
             encoder.append(&point);
         }
+        // Every open chunk is resumed at a start: leave no growth slack behind (it grows
+        // again as points come).
+        encoder.out.bytes.shrink_to_fit();
         Ok(encoder)
     }
 }

@@ -360,8 +360,13 @@ pub(crate) struct Disk {
 
 impl Disk {
     pub fn open(path: &Path) -> Result<Disk, StoreError> {
+        // redb repairs a file that was not closed cleanly (a crash) by walking it all: say so,
+        // it explains a slow start.
+        let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = repaired.clone();
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
+            .set_repair_callback(move |_| flag.store(true, std::sync::atomic::Ordering::Relaxed))
             .create(path)
             .map_err(|error| StoreError::Db {
                 path: path.to_owned(),
@@ -371,6 +376,12 @@ impl Disk {
             path: path.to_owned(),
             db: RwLock::new(db),
         };
+        if repaired.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "{} was not closed cleanly; redb checked and repaired it",
+                path.display()
+            );
+        }
         // Create every table, so readers never meet a missing one.
         let txn = disk.db().begin_write().map_err(|e| disk.error(e))?;
         {

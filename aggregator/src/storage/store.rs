@@ -23,9 +23,9 @@ use vigil_proto::v1::{Batch, MetricType, Series};
 use super::{
     codec::{Chunk, ChunkEncoder, ChunkKind},
     disk::{
-        BLOCK_PART_BYTES, BLOCK_SPAN_MS, BLOCKS, CHUNK_INDEX, CHUNKS, Disk, EVENTS, EventRow, HEADS, HOUR_MS,
-        INSTANCES, InstanceRow, LabelRow, META, MINUTE_MS, ROLLUPS, Rollup, SERIES, SeriesRow,
-        StoreError, block_window, decode_rollup_hour, encode_block, encode_chunk_row,
+        BLOCK_PART_BYTES, BLOCK_SPAN_MS, BLOCKS, CHUNK_INDEX, CHUNKS, Disk, EVENTS, EventRow,
+        HEADS, HOUR_MS, INSTANCES, InstanceRow, LabelRow, META, MINUTE_MS, ROLLUPS, Rollup, SERIES,
+        SeriesRow, StoreError, block_window, decode_rollup_hour, encode_block, encode_chunk_row,
         encode_rollup_hour,
     },
     index::Index,
@@ -164,10 +164,11 @@ pub struct CheckpointReport {
     pub events: usize,
     pub instances: usize,
     pub rollups: usize,
-    /// Block rows written by the compaction that follows the checkpoint, and the chunks
-    /// they replaced.
+    /// Blocks written by the compaction in the checkpoint, the chunks they took in, and
+    /// their bytes.
     pub blocks: usize,
     pub chunks_compacted: usize,
+    pub block_bytes: u64,
     /// The first write-ahead log segment still needed.
     pub wal_start_segment: u64,
     pub wal_segments_removed: usize,
@@ -723,19 +724,21 @@ impl Store {
                 state.snapshot(wal_start)
             };
             let persist = self.persist.write().expect("persist lock poisoned");
-            let (chunk_bytes, blocks, chunks_compacted) = match write_snapshot(disk, &snapshot) {
-                Ok(written) => written,
-                Err(error) => {
-                    self.lock().restore(snapshot);
-                    return Err(error);
-                }
-            };
+            let (chunk_bytes, (blocks, chunks_compacted, block_bytes)) =
+                match write_snapshot(disk, &snapshot) {
+                    Ok(written) => written,
+                    Err(error) => {
+                        self.lock().restore(snapshot);
+                        return Err(error);
+                    }
+                };
             self.lock().forget(&snapshot);
             drop(persist);
             let removed = wal.remove_segments_before(snapshot.wal_start)?;
             Ok(CheckpointReport {
                 blocks,
                 chunks_compacted,
+                block_bytes,
                 series: snapshot.new_series.len(),
                 chunks: snapshot.chunks.len(),
                 chunk_bytes,
@@ -923,11 +926,15 @@ fn label_rows(labels: &[(String, String)]) -> Vec<LabelRow> {
         .collect()
 }
 
-/// Writes one checkpoint in one transaction; returns the chunk bytes written (as chunks or
-/// into blocks), the block rows written and the chunks they took in.
-fn write_snapshot(disk: &Disk, snapshot: &Snapshot) -> Result<(u64, usize, usize), StoreError> {
+/// Writes one checkpoint in one transaction; returns the bytes of its closed chunks in their
+/// stored form (also those that went straight into blocks), and the blocks written, the
+/// chunks they took in and their bytes.
+fn write_snapshot(
+    disk: &Disk,
+    snapshot: &Snapshot,
+) -> Result<(u64, (usize, usize, u64)), StoreError> {
     let mut chunk_bytes = 0u64;
-    let (mut blocks_written, mut compacted) = (0usize, 0usize);
+    let (mut blocks_written, mut compacted, mut block_bytes) = (0usize, 0usize, 0u64);
     let txn = disk.db().begin_write().map_err(|e| disk.error(e))?;
     {
         let mut series = txn.open_table(SERIES).map_err(|e| disk.error(e))?;
@@ -953,6 +960,7 @@ fn write_snapshot(disk: &Disk, snapshot: &Snapshot) -> Result<(u64, usize, usize
         for (id, chunk_id, chunk) in ordered {
             if boundaries.get(id).is_some_and(|b| chunk.max_time < *b) {
                 // Its window is complete: it goes straight into the block.
+                chunk_bytes += chunk.to_bytes().len() as u64;
                 into_blocks.entry(*id).or_default().push((*chunk_id, chunk));
                 continue;
             }
@@ -976,7 +984,7 @@ fn write_snapshot(disk: &Disk, snapshot: &Snapshot) -> Result<(u64, usize, usize
             )?;
             blocks_written += written;
             compacted += replaced;
-            chunk_bytes += bytes;
+            block_bytes += bytes;
         }
         let mut heads = txn.open_table(HEADS).map_err(|e| disk.error(e))?;
         for (id, head) in &snapshot.heads {
@@ -1043,7 +1051,7 @@ fn write_snapshot(disk: &Disk, snapshot: &Snapshot) -> Result<(u64, usize, usize
         }
     }
     txn.commit().map_err(|e| disk.error(e))?;
-    Ok((chunk_bytes, blocks_written, compacted))
+    Ok((chunk_bytes, (blocks_written, compacted, block_bytes)))
 }
 
 type CompactTables<'a, 't> = (
@@ -1139,10 +1147,7 @@ fn compact_series(
         let row = encode_block(&encoder.seal());
         bytes_written += row.len() as u64;
         blocks
-            .retain_in(
-                (window, id.0, 0)..=(window, id.0, u32::MAX),
-                |_, _| false,
-            )
+            .retain_in((window, id.0, 0)..=(window, id.0, u32::MAX), |_, _| false)
             .map_err(|e| disk.error(e))?;
         for (part, bytes) in row.chunks(BLOCK_PART_BYTES).enumerate() {
             blocks
