@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use super::{Detector, DetectorConfig};
 use crate::{
     alerting::SampleWriter,
+    http::metrics::Exposition,
     query::{Labels, Matcher, parse_selector},
     storage::{IngestSink, IngestedBatch, MetricKind, PointValue, SeriesRef, StoredSeries},
 };
@@ -88,48 +89,39 @@ pub struct ScorerStats {
 impl ScorerStats {
     /// Prometheus text exposition of these counters.
     pub fn write_metrics(&self, out: &mut String) {
-        let mut family = |name: &str, kind: &str, help: &str, value: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        };
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        family(
+        let mut text = Exposition::default();
+        text.gauge(
             "vigil_anomaly_scored_series",
-            "gauge",
             "Series with an anomaly detector.",
-            get(&self.series_scored),
+            get(&self.series_scored) as f64,
         );
-        family(
+        text.gauge(
             "vigil_anomaly_series_over_limit",
-            "gauge",
             "Matching series not scored because anomaly.max_series was reached.",
-            get(&self.series_over_limit),
+            get(&self.series_over_limit) as f64,
         );
-        family(
+        text.counter(
             "vigil_anomaly_scored_samples_total",
-            "counter",
             "Values fed to anomaly detectors.",
             get(&self.samples_scored),
         );
-        family(
+        text.counter(
             "vigil_anomaly_dropped_batches_total",
-            "counter",
             "Stored batches the scorer could not keep up with and skipped.",
             get(&self.batches_dropped),
         );
-        family(
+        text.gauge(
             "vigil_anomaly_anomalous_series",
-            "gauge",
             "Series whose last written score was 1 or more.",
-            get(&self.anomalous_now),
+            get(&self.anomalous_now) as f64,
         );
-        family(
+        text.counter(
             "vigil_anomaly_write_errors_total",
-            "counter",
             "Score writes the write-ahead log refused.",
             get(&self.write_errors),
         );
+        out.push_str(&text.finish());
     }
 }
 

@@ -45,6 +45,7 @@ use super::{
 };
 use crate::{
     config::RemoteWriteConfig,
+    http::metrics::Exposition,
     storage::{IngestSink, IngestedBatch, PointValue, StoredSeries, query_view::le_label},
 };
 
@@ -288,7 +289,6 @@ pub fn write_metrics<E: std::ops::Deref<Target = RemoteWriteExporter>>(
     exporters: &[E],
     out: &mut String,
 ) {
-    use std::fmt::Write as _;
     if exporters.is_empty() {
         return;
     }
@@ -347,14 +347,14 @@ pub fn write_metrics<E: std::ops::Deref<Target = RemoteWriteExporter>>(
             |s| s.last_send_ms as f64 / 1000.0,
         ),
     ];
+    let mut text = Exposition::default();
     for (name, kind, help, field) in families {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+        text.family(name, kind, help);
         for (target, stats) in &stats {
-            // Target names are letters, digits, '_', '-' and '.': nothing to escape.
-            let _ = writeln!(out, "{name}{{target=\"{target}\"}} {}", field(stats));
+            text.sample(name, &[("target", target)], field(stats));
         }
     }
+    out.push_str(&text.finish());
 }
 
 impl IngestSink for RemoteWriteExporter {

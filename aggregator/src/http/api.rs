@@ -183,6 +183,17 @@ impl Params {
         }
     }
 
+    /// The `query` parameter, which must not be blank.
+    fn expr(&self) -> Result<String, ApiError> {
+        let expr = self.get("query").unwrap_or("");
+        if expr.trim().is_empty() {
+            return Err(ApiError::bad_data(
+                "invalid parameter \"query\": no expression found in input",
+            ));
+        }
+        Ok(expr.to_owned())
+    }
+
     fn required_time(&self, name: &str) -> Result<i64, ApiError> {
         match self.get(name) {
             None | Some("") => Err(ApiError::bad_data(format!(
@@ -321,12 +332,7 @@ async fn query(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let params = Params::of(&uri, &headers, &body)?;
-    let expr = params.get("query").unwrap_or("").to_owned();
-    if expr.trim().is_empty() {
-        return Err(ApiError::bad_data(
-            "invalid parameter \"query\": no expression found in input",
-        ));
-    }
+    let expr = params.expr()?;
     let time_ms = params.time("time", now_ms())?;
     let engine = with_timeout(&state, &params)?;
     let value = blocking(move || engine.instant(&expr, time_ms)).await??;
@@ -362,12 +368,7 @@ async fn query_range(
             "invalid parameter \"step\": zero or negative query resolution step widths are not accepted. Try a positive integer",
         ));
     }
-    let expr = params.get("query").unwrap_or("").to_owned();
-    if expr.trim().is_empty() {
-        return Err(ApiError::bad_data(
-            "invalid parameter \"query\": no expression found in input",
-        ));
-    }
+    let expr = params.expr()?;
     let engine = with_timeout(&state, &params)?;
     let value = blocking(move || engine.range(&expr, start, end, step)).await??;
     Ok(success(&result_json(&value)))

@@ -420,19 +420,25 @@ fn process_metrics(out: &mut Exposition, started: SystemTime) {
     }
 }
 
-/// A text-format writer.
+/// A writer of the Prometheus text format (HELP/TYPE lines, escaping, value spelling), for
+/// `/metrics` and the extra writers that add families to it.
 #[derive(Default)]
-struct Exposition {
+pub struct Exposition {
     text: String,
 }
 
 impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
+    /// The text written so far.
+    pub fn finish(self) -> String {
+        self.text
+    }
+
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) {
         let help = help.replace('\\', "\\\\").replace('\n', "\\n");
         let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.text.push_str(name);
         if !labels.is_empty() {
             self.text.push('{');
@@ -451,17 +457,23 @@ impl Exposition {
         let _ = writeln!(self.text, " {}", format_value(value));
     }
 
-    fn gauge(&mut self, name: &str, help: &str, value: f64) {
+    pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
         self.family(name, "gauge", help);
         self.sample(name, &[], value);
     }
 
-    fn counter(&mut self, name: &str, help: &str, value: u64) {
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) {
         self.family(name, "counter", help);
         self.sample(name, &[], value as f64);
     }
 
-    fn labelled_counters(&mut self, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
+    pub fn labelled_counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[(&str, u64)],
+    ) {
         self.family(name, "counter", help);
         for (value, count) in values {
             self.sample(name, &[(label, value)], *count as f64);

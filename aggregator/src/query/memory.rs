@@ -66,38 +66,4 @@ impl SeriesSource for MemorySource {
             .map(|series| series.labels)
             .collect()
     }
-
-    fn label_names(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .matching(matchers, start_ms, end_ms)
-            .into_iter()
-            .flat_map(|series| series.labels.into_iter().map(|(name, _)| name))
-            .collect();
-        names.sort();
-        names.dedup();
-        names
-    }
-
-    fn label_values(
-        &self,
-        name: &str,
-        matchers: &[Matcher],
-        start_ms: i64,
-        end_ms: i64,
-    ) -> Vec<String> {
-        let mut values: Vec<String> = self
-            .matching(matchers, start_ms, end_ms)
-            .into_iter()
-            .filter_map(|series| {
-                series
-                    .labels
-                    .into_iter()
-                    .find(|(label, _)| label == name)
-                    .map(|(_, value)| value)
-            })
-            .collect();
-        values.sort();
-        values.dedup();
-        values
-    }
 }

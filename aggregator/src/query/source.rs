@@ -132,7 +132,16 @@ pub trait SeriesSource: Send + Sync {
     fn series_labels(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<Labels>;
 
     /// Every label name of matching series (all series when `matchers` is empty), sorted.
-    fn label_names(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<String>;
+    fn label_names(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .series_labels(matchers, start_ms, end_ms)
+            .into_iter()
+            .flat_map(|labels| labels.into_iter().map(|(name, _)| name))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
 
     /// Every value of one label among matching series (all series when `matchers` is empty),
     /// sorted.
@@ -142,5 +151,19 @@ pub trait SeriesSource: Send + Sync {
         matchers: &[Matcher],
         start_ms: i64,
         end_ms: i64,
-    ) -> Vec<String>;
+    ) -> Vec<String> {
+        let mut values: Vec<String> = self
+            .series_labels(matchers, start_ms, end_ms)
+            .into_iter()
+            .filter_map(|labels| {
+                labels
+                    .into_iter()
+                    .find(|(label, _)| label == name)
+                    .map(|(_, value)| value)
+            })
+            .collect();
+        values.sort();
+        values.dedup();
+        values
+    }
 }
