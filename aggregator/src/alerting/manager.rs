@@ -4,7 +4,6 @@
 //! file, line and reason, and the rules that were running keep running.
 
 use std::{
-    fmt::Write as _,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -23,7 +22,7 @@ use super::{
     rules::{self, RuleError, RuleGroup},
     writer::SampleWriter,
 };
-use crate::query::Engine;
+use crate::{http::metrics::Exposition, query::Engine};
 
 /// The outcome of the latest (re)load.
 #[derive(Debug, Clone, PartialEq)]
@@ -377,88 +376,76 @@ impl RuleManager {
     /// The rule manager's families for `/metrics`.
     pub fn write_metrics(&self, out: &mut String) {
         let counters = &self.shared.counters;
-        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-        let plain = |value: u64| vec![(String::new(), value as f64)];
-        family(
+        let mut text = Exposition::default();
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        text.counter(
             "vigil_aggregator_rule_group_evaluations_total",
-            "counter",
             "Rule group evaluations.",
-            &plain(counters.evaluations.load(Ordering::Relaxed)),
+            get(&counters.evaluations),
         );
-        family(
+        text.counter(
             "vigil_aggregator_rule_evaluation_failures_total",
-            "counter",
             "Rule evaluations that failed (query error, or results that could not be stored).",
-            &plain(counters.rule_failures.load(Ordering::Relaxed)),
+            get(&counters.rule_failures),
         );
-        family(
+        text.counter(
             "vigil_aggregator_rule_reloads_total",
-            "counter",
             "Rule reloads (SIGHUP or a changed file).",
-            &plain(counters.reloads.load(Ordering::Relaxed)),
+            get(&counters.reloads),
         );
-        family(
+        text.counter(
             "vigil_aggregator_rule_reload_failures_total",
-            "counter",
             "Rule reloads refused because a file did not load (the previous rules stayed).",
-            &plain(counters.reload_failures.load(Ordering::Relaxed)),
+            get(&counters.reload_failures),
         );
         let active = self.active_alerts();
         let count = |state: AlertState| active.iter().filter(|a| a.state == state).count() as f64;
-        family(
+        text.family(
             "vigil_aggregator_alerts",
             "gauge",
             "Active alerts by state.",
-            &[
-                ("{state=\"pending\"}".into(), count(AlertState::Pending)),
-                ("{state=\"firing\"}".into(), count(AlertState::Firing)),
-            ],
         );
+        for (state, name) in [
+            (AlertState::Pending, "pending"),
+            (AlertState::Firing, "firing"),
+        ] {
+            text.sample("vigil_aggregator_alerts", &[("state", name)], count(state));
+        }
         let stats = self.shared.notifier.stats();
-        let per_target = |pick: &dyn Fn(&super::notify::TargetStats) -> u64| -> Vec<(String, f64)> {
-            stats
-                .iter()
-                .map(|(kind, url, stats)| {
-                    (
-                        format!(
-                            "{{kind=\"{}\",url=\"{}\"}}",
-                            kind.as_str(),
-                            url.replace('\\', "\\\\").replace('"', "\\\"")
-                        ),
-                        pick(stats) as f64,
-                    )
-                })
-                .collect()
-        };
-        family(
-            "vigil_aggregator_notifications_sent_total",
-            "counter",
-            "Alerts delivered to Alertmanager or webhooks.",
-            &per_target(&|s| s.sent.load(Ordering::Relaxed)),
-        );
-        family(
-            "vigil_aggregator_notification_errors_total",
-            "counter",
-            "Failed delivery attempts (each retry counts).",
-            &per_target(&|s| s.errors.load(Ordering::Relaxed)),
-        );
-        family(
-            "vigil_aggregator_notifications_failed_total",
-            "counter",
-            "Alerts given up on after the retries, or refused by the receiver.",
-            &per_target(&|s| s.failed.load(Ordering::Relaxed)),
-        );
-        family(
-            "vigil_aggregator_notifications_dropped_total",
-            "counter",
-            "Alerts dropped because a target's queue was full.",
-            &per_target(&|s| s.dropped.load(Ordering::Relaxed)),
-        );
+        type Pick = fn(&super::notify::TargetStats) -> u64;
+        let per_target: [(&str, &str, Pick); 4] = [
+            (
+                "vigil_aggregator_notifications_sent_total",
+                "Alerts delivered to Alertmanager or webhooks.",
+                |s| s.sent.load(Ordering::Relaxed),
+            ),
+            (
+                "vigil_aggregator_notification_errors_total",
+                "Failed delivery attempts (each retry counts).",
+                |s| s.errors.load(Ordering::Relaxed),
+            ),
+            (
+                "vigil_aggregator_notifications_failed_total",
+                "Alerts given up on after the retries, or refused by the receiver.",
+                |s| s.failed.load(Ordering::Relaxed),
+            ),
+            (
+                "vigil_aggregator_notifications_dropped_total",
+                "Alerts dropped because a target's queue was full.",
+                |s| s.dropped.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, pick) in per_target {
+            text.family(name, "counter", help);
+            for (kind, url, target) in &stats {
+                text.sample(
+                    name,
+                    &[("kind", kind.as_str()), ("url", url)],
+                    pick(target) as f64,
+                );
+            }
+        }
+        out.push_str(&text.finish());
     }
 }
 
