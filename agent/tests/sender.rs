@@ -13,8 +13,8 @@ use std::{
 };
 
 use fake_aggregator::{
-    Behaviour, Record, free_address, start_aggregator, start_aggregator_with_tls,
-    start_strict_aggregator,
+    Behaviour, DeltaOffer, Record, free_address, start_aggregator, start_aggregator_with_delta,
+    start_aggregator_with_tls, start_strict_aggregator,
 };
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -81,6 +81,7 @@ fn start_agent_in(
         tls,
         token: Some("test-token".into()),
         compression,
+        delta_encoding: true,
         hello: Hello {
             node: "gpu-node-7".into(),
             agent_version: "test".into(),
@@ -614,6 +615,125 @@ async fn unknown_series_makes_the_stream_declare_those_series_again_from_the_dic
         assert!(declared(2).is_empty());
         assert_eq!(declared(3), [1, 2, 3], "declared again by the sender");
         assert!(declared(4).is_empty(), "and then not again");
+    }
+    agent.stop().await;
+}
+
+/// Batches with readings that move like real ones (counters, gauges, decimals, a histogram).
+fn moving_batches(count: u64) -> Vec<Batch> {
+    let mut encoder = BatchEncoder::new(1);
+    (1..=count)
+        .map(|sequence| {
+            let s = sequence as f64;
+            let mut pass: Vec<Sample> = [
+                ("vigil_bytes_total", 4.0e12 + s * 1.5e9),
+                ("vigil_watts", (560_000.0 + (s * 7.0) % 13.0) / 1000.0),
+                ("vigil_constant", 700.0),
+                ("vigil_ratio", (s * 0.37).sin()),
+            ]
+            .into_iter()
+            .map(|(name, value)| Sample {
+                name,
+                labels: Labels::from([("gpu".to_string(), "0".to_string())]),
+                value: SampleValue::Value(value),
+            })
+            .collect();
+            let mut histogram = vigil_agent::sample::LatencyHistogram::default();
+            for k in 0..sequence * 10 {
+                histogram.record(1_000 + (k * 7919) % 50_000);
+            }
+            pass.push(Sample {
+                name: "vigil_latency_seconds",
+                labels: Labels::new(),
+                value: SampleValue::Histogram(histogram.snapshot()),
+            });
+            encoder.encode(sequence, sequence as i64 * 1000, &pass, &[])
+        })
+        .collect()
+}
+
+/// What each stored batch holds equals what was spooled (delta-coded or not on the wire).
+fn assert_stored_as_spooled(batches: &[Batch], record: &Record) {
+    for batch in batches {
+        let stored = record.stored.get(&batch.sequence).expect("stored");
+        assert_eq!(stored.samples, batch.samples, "batch {}", batch.sequence);
+        assert_eq!(
+            stored.histograms, batch.histograms,
+            "batch {}",
+            batch.sequence
+        );
+    }
+}
+
+#[tokio::test]
+async fn offered_delta_encoding_carries_every_value_across_a_reconnect() {
+    let address = free_address().await;
+    let (record, _server) = start_aggregator(
+        address,
+        Behaviour::BreakFirstStream {
+            ack_until: 6,
+            break_at: 12,
+        },
+    )
+    .await;
+    let batches = moving_batches(30);
+    let agent = start_agent(address, Compression::Zstd, 0);
+    for batch in &batches {
+        agent.append(batch.clone());
+    }
+    agent.wait_acked(30).await;
+    {
+        let record = record.lock().unwrap();
+        assert!(record.received.len() >= 2, "reconnected");
+        assert!(
+            record.delta_coded.iter().all(|&n| n > 0),
+            "every stream delta-coded: {:?}",
+            record.delta_coded
+        );
+        assert_stored_as_spooled(&batches, &record);
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_aggregator_that_does_not_offer_delta_gets_plain_batches() {
+    let address = free_address().await;
+    let (record, _server) =
+        start_aggregator_with_delta(address, Behaviour::AckAll, DeltaOffer::NotOffered).await;
+    let batches = moving_batches(10);
+    let agent = start_agent(address, Compression::Zstd, 0);
+    for batch in &batches {
+        agent.append(batch.clone());
+    }
+    agent.wait_acked(10).await;
+    {
+        let record = record.lock().unwrap();
+        assert_eq!(record.delta_coded, [0]);
+        assert_stored_as_spooled(&batches, &record);
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_aggregator_that_cannot_decode_a_block_gets_plain_batches_from_then_on() {
+    let address = free_address().await;
+    let (record, _server) =
+        start_aggregator_with_delta(address, Behaviour::AckAll, DeltaOffer::RefusedOnce).await;
+    let batches = moving_batches(10);
+    let agent = start_agent(address, Compression::Zstd, 0);
+    for batch in &batches {
+        agent.append(batch.clone());
+    }
+    agent.wait_acked(10).await;
+    {
+        let record = record.lock().unwrap();
+        assert!(record.received.len() >= 2, "the refused stream ended");
+        assert_eq!(
+            record.delta_coded[1..],
+            vec![0; record.delta_coded.len() - 1],
+            "plain after the refusal"
+        );
+        assert_stored_as_spooled(&batches, &record);
     }
     agent.stop().await;
 }

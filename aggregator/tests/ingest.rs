@@ -542,3 +542,99 @@ async fn a_stream_without_a_hello_in_time_ends_with_deadline_exceeded() {
     assert!(status.message().contains("no Hello"), "{status:?}");
     aggregator.shutdown().await;
 }
+
+#[tokio::test]
+async fn delta_coded_batches_are_offered_decoded_and_stored_and_a_broken_block_ends_the_stream() {
+    use vigil_proto::delta::{DELTA_V1, DeltaEncoder, ENCODINGS_HEADER};
+    let dir = tempfile::tempdir().unwrap();
+    let aggregator = start(&plaintext_config(dir.path())).await;
+    let channel = plaintext_channel(&aggregator).await;
+
+    // The offer is in the stream's response headers.
+    let (outbound, rx) = tokio::sync::mpsc::channel(4);
+    outbound
+        .send(vigil_proto::v1::AgentMessage {
+            body: Some(agent_message::Body::Hello(hello(NODE, "spool-d"))),
+        })
+        .await
+        .unwrap();
+    let response = IngestClient::new(channel.clone())
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    assert_eq!(response.metadata().get(ENCODINGS_HEADER).unwrap(), DELTA_V1);
+    drop((outbound, response));
+
+    let mut stream = open(channel.clone(), hello(NODE, "spool-d"), None)
+        .await
+        .unwrap();
+    let mut encoder = DeltaEncoder::new();
+    let values = [
+        250.5,
+        250.5,
+        251.125,
+        f64::from_bits(0x4070_0123_4567_89ab),
+        0.0,
+    ];
+    for (k, &value) in values.iter().enumerate() {
+        let sequence = k as u64 + 1;
+        let mut wire = batch(
+            sequence,
+            if k == 0 { power_series() } else { vec![] },
+            vec![sample(1, 0, value), sample(2, 0, 10.0 * sequence as f64)],
+        );
+        wire.base_time_ms = now_ms() - 10_000 + k as i64 * 1000;
+        // A resend of batch 2 on the same stream: acked as a duplicate, and still decoded (the
+        // encoder moved on, so must the aggregator).
+        if sequence == 3 {
+            let mut resent = batch(2, vec![], vec![sample(1, 0, 250.0)]);
+            resent.base_time_ms = now_ms() - 9_000;
+            encoder.encode(&mut resent);
+            assert_eq!(stream.store(resent).await, vec![]);
+        }
+        encoder.encode(&mut wire);
+        assert!(wire.samples.is_empty() && wire.delta.is_some());
+        assert_eq!(stream.store(wire).await, vec![], "batch {sequence}");
+    }
+    let store = aggregator.store();
+    let power = store
+        .find_series(NODE, "vigil_gpu_power_watts", &[("gpu", "0")])
+        .unwrap();
+    let stored: Vec<u64> = store
+        .samples_of(power)
+        .iter()
+        .map(|p| match p.value {
+            PointValue::Value(v) => v.to_bits(),
+            ref other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        stored,
+        values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "bit for bit"
+    );
+    assert_eq!(aggregator.counters().batches_delta_coded, 6);
+
+    // A block that does not decode: the stream ends with a message naming the batch; what was
+    // acked stays, and a new stream (fresh encoding state) goes on.
+    let mut broken = batch(6, vec![], vec![sample(1, 0, 1.0)]);
+    encoder.encode(&mut broken);
+    broken.delta.as_mut().unwrap().sample_kinds[0] = 99;
+    stream.send(broken).await;
+    let status = stream.end_status().await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("batch 6: undecodable delta block"),
+        "{status:?}"
+    );
+    assert_eq!(aggregator.counters().messages_undecodable, 1);
+    let mut again = open(channel, hello(NODE, "spool-d"), None).await.unwrap();
+    let mut encoder = DeltaEncoder::new();
+    let mut resent = batch(6, vec![], vec![sample(1, 0, 1.0)]);
+    encoder.encode(&mut resent);
+    assert_eq!(again.store(resent).await, vec![]);
+    assert_eq!(store.samples_of(power).len(), values.len() + 1);
+    aggregator.shutdown().await;
+}

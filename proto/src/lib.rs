@@ -1,6 +1,9 @@
 //! Vigil's wire protocol, package `vigil.v1` (proto/vigil/v1/*.proto; rules in
-//! docs/protocol.md). Generated code only: encoding and validation live with the agent's
-//! transport and the aggregator's ingest.
+//! docs/protocol.md). Generated code, and the stream-delta codec both ends share ([`delta`]);
+//! the rest of encoding and validation lives with the agent's transport and the aggregator's
+//! ingest.
+
+pub mod delta;
 
 /// The `vigil.v1` package: messages and the `Ingest`, `Query` and `Alerts` services (client and
 /// server).

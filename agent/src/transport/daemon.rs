@@ -135,6 +135,7 @@ pub fn run_agent(config: &AgentConfig, track: &[String]) -> Result<(), RunError>
         tls,
         token,
         compression: transport.compression,
+        delta_encoding: transport.delta_encoding,
         hello: Hello {
             node: node_name(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -142,7 +143,11 @@ pub fn run_agent(config: &AgentConfig, track: &[String]) -> Result<(), RunError>
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
             agent_instance: spool.agent_instance().to_string(),
-            capabilities: Vec::new(),
+            capabilities: if transport.delta_encoding {
+                vec![vigil_proto::delta::DELTA_V1.to_string()]
+            } else {
+                Vec::new()
+            },
         },
         backoff: Backoff::default(),
         shutdown_grace: SHUTDOWN_GRACE,

@@ -26,6 +26,7 @@ use tonic::{
     metadata::MetadataValue,
     transport::{ClientTlsConfig, Endpoint},
 };
+use vigil_proto::delta::{DELTA_V1, DeltaEncoder, ENCODINGS_HEADER};
 use vigil_proto::v1::{
     AgentMessage, Hello, agent_message, aggregator_message, ingest_client::IngestClient,
     rejection::Reason,
@@ -52,6 +53,8 @@ pub struct SenderSettings {
     /// Sent as `authorization: Bearer <token>`.
     pub token: Option<String>,
     pub compression: Compression,
+    /// Use the stream-delta encoding where the aggregator offers it.
+    pub delta_encoding: bool,
     pub hello: Hello,
     pub backoff: Backoff,
     /// After shutdown is asked for, how long to keep sending and waiting for acks.
@@ -66,6 +69,7 @@ impl std::fmt::Debug for SenderSettings {
             .field("tls", &self.tls.is_some())
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("compression", &self.compression)
+            .field("delta_encoding", &self.delta_encoding)
             .field("hello", &self.hello)
             .finish()
     }
@@ -122,10 +126,14 @@ pub async fn run_sender(
     let mut delay = settings.backoff.min;
     let mut endpoint_index = 0;
     let mut drain_deadline = None;
+    // Turned off for good when an aggregator could not decode what this agent's encoder wrote
+    // (a bug on one side): plain batches cost bytes but arrive.
+    let mut delta_encoding = settings.delta_encoding;
     loop {
         let endpoint = &settings.endpoints[endpoint_index % settings.endpoints.len()];
         let outcome = session(
             &settings,
+            delta_encoding,
             endpoint,
             &spool,
             &mut spooled,
@@ -137,6 +145,13 @@ pub async fn run_sender(
         match outcome {
             SessionEnd::Shutdown => return,
             SessionEnd::Failed { error, acked } => {
+                if delta_encoding && error.contains(UNDECODABLE_DELTA) {
+                    tracing::error!(
+                        "the aggregator could not decode a delta-encoded batch: sending plain \
+                         batches from now on (transport.delta_encoding)"
+                    );
+                    delta_encoding = false;
+                }
                 if acked {
                     // The endpoint worked: start over with short delays, same endpoint first.
                     delay = settings.backoff.min;
@@ -177,8 +192,14 @@ enum SessionEnd {
     Failed { error: String, acked: bool },
 }
 
+/// What the aggregator's status says when a delta block does not decode
+/// (`vigil_proto::delta::DeltaError`).
+const UNDECODABLE_DELTA: &str = "undecodable delta block";
+
+#[allow(clippy::too_many_arguments)]
 async fn session(
     settings: &SenderSettings,
+    delta_encoding: bool,
     endpoint_url: &str,
     spool: &Arc<Mutex<Spool>>,
     spooled: &mut watch::Receiver<u64>,
@@ -254,7 +275,19 @@ async fn session(
             Ok(Err(status)) => return failed(describe_status(&status)),
             Err(_) => return failed("no answer to the stream request".into()),
         };
-    tracing::info!(endpoint = %endpoint_url, "streaming to the aggregator");
+    // The stream-delta encoding only when this aggregator offers it (an older one would ignore
+    // the blocks and lose their samples).
+    let offered = response
+        .metadata()
+        .get(ENCODINGS_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.split(',').any(|e| e.trim() == DELTA_V1));
+    let mut delta = (delta_encoding && offered).then(DeltaEncoder::new);
+    tracing::info!(
+        endpoint = %endpoint_url,
+        delta_encoding = delta.is_some(),
+        "streaming to the aggregator"
+    );
     let mut inbound = response.into_inner();
 
     let mut acked_any = false;
@@ -358,6 +391,9 @@ async fn session(
                     last_answer = Instant::now();
                 }
                 next = batch.sequence + 1;
+                if let Some(encoder) = delta.as_mut() {
+                    encoder.encode(&mut batch);
+                }
                 permit.send(AgentMessage { body: Some(agent_message::Body::Batch(batch)) });
             }
             changed = spooled.changed(), if pending.is_none() && !collection_stopped => {
@@ -481,6 +517,7 @@ mod tests {
             tls: None,
             token: Some("s3cret-token".into()),
             compression: Compression::Zstd,
+            delta_encoding: true,
             hello: Hello::default(),
             backoff: Backoff::default(),
             shutdown_grace: Duration::from_secs(1),

@@ -13,6 +13,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream, wrappers::TcpListenerStream
 use tonic::{
     Request, Response, Status, Streaming, codec::CompressionEncoding, transport::ServerTlsConfig,
 };
+use vigil_proto::delta::{DELTA_V1, DeltaDecoder, ENCODINGS_HEADER};
 use vigil_proto::v1::{
     Ack, AgentMessage, AggregatorMessage, Batch, Hello, Rejection, Series, agent_message,
     aggregator_message,
@@ -37,8 +38,21 @@ pub enum Behaviour {
     FailAfter { ack_until: u64 },
 }
 
+/// Whether the fake aggregator offers the stream-delta encoding.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum DeltaOffer {
+    /// Offer it and decode blocks, as the real aggregator does.
+    Offered,
+    /// No offer, as an aggregator from before the encoding.
+    NotOffered,
+    /// Offer it, but end the first stream that carries a block as if it did not decode.
+    RefusedOnce,
+}
+
 #[derive(Default)]
 pub struct Record {
+    /// Per connection, how many batches arrived delta-coded.
+    pub delta_coded: Vec<usize>,
     pub hellos: Vec<Hello>,
     pub authorization: Vec<Option<String>>,
     /// Per connection, whether the client presented a certificate (mutual TLS).
@@ -66,6 +80,7 @@ struct FakeAggregator {
     /// aggregator are rejected with UNKNOWN_SERIES and not stored; a repeated identical
     /// declaration is a no-op, a conflicting one is refused (and recorded).
     strict: bool,
+    delta: DeltaOffer,
     record: Arc<Mutex<Record>>,
 }
 
@@ -94,6 +109,7 @@ impl Ingest for FakeAggregator {
                 .client_certificates
                 .push(request.peer_certs().is_some_and(|c| !c.is_empty()));
             record.received.push(Vec::new());
+            record.delta_coded.push(0);
             record.declarations.push(Vec::new());
             record.received.len() - 1
         };
@@ -102,7 +118,9 @@ impl Ingest for FakeAggregator {
         let record = self.record.clone();
         let behaviour = self.behaviour;
         let strict = self.strict;
+        let offer = self.delta;
         tokio::spawn(async move {
+            let mut decoder = DeltaDecoder::new(1 << 20);
             while let Ok(Some(message)) = inbound.message().await {
                 let batch = match message.body {
                     Some(agent_message::Body::Hello(hello)) => {
@@ -114,6 +132,28 @@ impl Ingest for FakeAggregator {
                 };
                 let mut batch = batch;
                 let sequence = batch.sequence;
+                if batch.delta.is_some() {
+                    let mut record = record.lock().unwrap();
+                    if offer == DeltaOffer::NotOffered {
+                        panic!("batch {sequence}: a delta block the aggregator never offered");
+                    }
+                    if offer == DeltaOffer::RefusedOnce
+                        && !record.delta_coded.iter().any(|&n| n > 0)
+                    {
+                        record.received[connection].push(sequence);
+                        let _ = tx.try_send(Err(Status::invalid_argument(format!(
+                            "batch {sequence}: undecodable delta block: refused by the test"
+                        ))));
+                        return;
+                    }
+                    record.delta_coded[connection] += 1;
+                }
+                if let Err(error) = decoder.decode(&mut batch) {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(error.to_string())))
+                        .await;
+                    return;
+                }
                 let mut answers = Vec::new();
                 let mut break_stream = false;
                 {
@@ -224,7 +264,14 @@ impl Ingest for FakeAggregator {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as Self::StreamStream);
+        if offer != DeltaOffer::NotOffered {
+            response.metadata_mut().insert(
+                ENCODINGS_HEADER,
+                tonic::metadata::MetadataValue::from_static(DELTA_V1),
+            );
+        }
+        Ok(response)
     }
 }
 
@@ -240,7 +287,16 @@ pub async fn start_strict_aggregator(
     address: SocketAddr,
     behaviour: Behaviour,
 ) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
-    start(address, behaviour, None, true).await
+    start(address, behaviour, None, true, DeltaOffer::Offered).await
+}
+
+/// A fake aggregator with the given stance on the stream-delta encoding.
+pub async fn start_aggregator_with_delta(
+    address: SocketAddr,
+    behaviour: Behaviour,
+    delta: DeltaOffer,
+) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
+    start(address, behaviour, None, false, delta).await
 }
 
 pub async fn start_aggregator_with_tls(
@@ -248,7 +304,7 @@ pub async fn start_aggregator_with_tls(
     behaviour: Behaviour,
     tls: Option<ServerTlsConfig>,
 ) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
-    start(address, behaviour, tls, false).await
+    start(address, behaviour, tls, false, DeltaOffer::Offered).await
 }
 
 async fn start(
@@ -256,12 +312,14 @@ async fn start(
     behaviour: Behaviour,
     tls: Option<ServerTlsConfig>,
     strict: bool,
+    delta: DeltaOffer,
 ) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind(address).await.unwrap();
     let record = Arc::new(Mutex::new(Record::default()));
     let service = IngestServer::new(FakeAggregator {
         behaviour,
         strict,
+        delta,
         record: record.clone(),
     })
     .accept_compressed(CompressionEncoding::Zstd)

@@ -78,6 +78,7 @@ fn batch(sequence: u64, series: Vec<Series>, value: f64) -> Batch {
             labels: vec![label("gpu", "0"), label("xid", "79")],
             message: "GPU has fallen off the bus".into(),
         }],
+        delta: None,
     }
 }
 
@@ -139,6 +140,31 @@ fn main() {
             send(batch(1, declarations(), 290.0)),
         ]),
     );
+
+    // batch: the same stream delta-coded (vigil_proto::delta), as an agent sends it to an
+    // aggregator that offers the encoding, with a resend and a second stream.
+    let mut encoder = vigil_proto::delta::DeltaEncoder::new();
+    let mut coded = |batch: Batch| {
+        let mut batch = batch;
+        encoder.encode(&mut batch);
+        send(batch)
+    };
+    let first_stream = [
+        coded(batch(1, declarations(), 250.0)),
+        coded(batch(2, Vec::new(), 260.5)),
+        coded(batch(2, Vec::new(), 260.5)),
+        coded(batch(3, Vec::new(), 261.125)),
+    ];
+    let mut encoder = vigil_proto::delta::DeltaEncoder::new();
+    let mut messages = vec![hello("gpu-node-17", "spool-a")];
+    messages.extend(first_stream);
+    messages.push(hello("gpu-node-17", "spool-a"));
+    for (sequence, value) in [(3, 261.125), (4, 1e300)] {
+        let mut batch = batch(sequence, declarations(), value);
+        encoder.encode(&mut batch);
+        messages.push(send(batch));
+    }
+    write("batch", "seed-delta-stream", &stream(&messages));
 
     // wal_replay: mode 0 (header added, CRCs kept): a segment as the aggregator writes it.
     let mut segment = vec![0u8];

@@ -1,7 +1,10 @@
 //! Arbitrary bytes as a stream of length-delimited `AgentMessage`s (what `Ingest.Stream`
 //! reads after gRPC framing), each `Batch` run through the aggregator's real admission path
 //! (`admission::admit_batch`: the same checks and store updates as `admit`, without the WAL)
-//! against an in-memory `Store`. A `Hello` switches the node and agent instance written as.
+//! against an in-memory `Store`. A `Hello` switches the node and agent instance written as and
+//! starts a new stream: each Batch first goes through the stream's delta decoder
+//! (`vigil_proto::delta`, as `ingest::read_batches` does); a block that does not decode ends the
+//! stream, which here ends the input.
 //!
 //! Besides "never panics", it checks what admission promises:
 //! - every offered sample, histogram and event is either stored or counted in a Rejection;
@@ -28,7 +31,10 @@ use vigil_aggregator::{
     },
     storage::{MetricKind, PointValue, Store, WalRecord},
 };
-use vigil_proto::v1::{AgentMessage, agent_message::Body};
+use vigil_proto::{
+    delta::DeltaDecoder,
+    v1::{AgentMessage, agent_message::Body},
+};
 
 fuzz_target!(|data: &[u8]| {
     let store = Store::new();
@@ -37,6 +43,8 @@ fuzz_target!(|data: &[u8]| {
     let mut instance = "spool-1".to_string();
     let mut nodes = vec![node.clone()];
     let mut records = Vec::new();
+    let new_decoder = || DeltaDecoder::new(LIMITS.max_series_per_node * 2);
+    let mut decoder = new_decoder();
 
     let mut input = data;
     for _ in 0..MAX_MESSAGES {
@@ -57,10 +65,15 @@ fuzz_target!(|data: &[u8]| {
                 {
                     node = hello.node;
                     instance = hello.agent_instance;
+                    decoder = new_decoder();
                     nodes.push(node.clone());
                 }
             }
-            Some(Body::Batch(batch)) => {
+            Some(Body::Batch(mut batch)) => {
+                if decoder.decode(&mut batch).is_err() {
+                    break;
+                }
+                assert!(batch.delta.is_none());
                 let sequence = batch.sequence;
                 let offered = batch.samples.len() + batch.histograms.len() + batch.events.len();
                 let before = store.high_water(&node, &instance);

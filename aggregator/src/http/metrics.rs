@@ -159,12 +159,18 @@ fn ingest_metrics(out: &mut Exposition, c: &CountersSnapshot) {
     );
     out.labelled_counters(
         "vigil_aggregator_ingest_messages_refused_total",
-        "Agent messages not processed: over grpc.max_message_bytes (oversize) or of an unknown kind (unknown, ignored).",
+        "Agent messages not processed: over grpc.max_message_bytes (oversize), of an unknown kind (unknown, ignored), or with a delta block that does not decode (undecodable: the stream is ended and the agent resends).",
         "reason",
         &[
             ("oversize", c.messages_oversize),
             ("unknown", c.messages_unknown),
+            ("undecodable", c.messages_undecodable),
         ],
+    );
+    out.counter(
+        "vigil_aggregator_ingest_delta_batches_total",
+        "Batches that arrived in the stream-delta encoding (docs/protocol.md).",
+        c.batches_delta_coded,
     );
     out.labelled_counters(
         "vigil_aggregator_ingest_batches_total",

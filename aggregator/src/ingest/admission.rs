@@ -11,7 +11,7 @@ use vigil_proto::v1::{Batch, Event, Histogram, Rejection, Sample, Series, reject
 use super::counters::IngestCounters;
 use crate::storage::{
     Lsn, MetricKind, Store, Wal, WalError, WalRecord,
-    store::{SeriesKey, StoreState},
+    store::{InstanceState, SeriesKey, StoreState},
 };
 
 /// Most series ids one Rejection lists; its count covers all.
@@ -175,6 +175,7 @@ fn admit_with(
 
     let mut check = BatchCheck {
         state: &state,
+        instance: state.instance(writer.node, writer.agent_instance),
         writer,
         limits,
         now_ms,
@@ -229,6 +230,7 @@ fn admit_with(
             samples,
             histograms,
             events,
+            delta: None,
         }),
     };
     let lsn = append(&record);
@@ -249,6 +251,8 @@ fn admit_with(
 /// The checks of one batch against the store as it is.
 struct BatchCheck<'a> {
     state: &'a StoreState,
+    /// The writer's agent instance as stored (looked up once: every sample needs it).
+    instance: Option<&'a InstanceState>,
     writer: &'a Writer<'a>,
     limits: &'a Limits,
     now_ms: i64,
@@ -261,9 +265,7 @@ struct BatchCheck<'a> {
 impl BatchCheck<'_> {
     /// Accepted declarations, and the ids refused for the node's series limit.
     fn declarations(&mut self, declarations: Vec<Series>) -> (Vec<Series>, Vec<u64>) {
-        let instance = self
-            .state
-            .instance(self.writer.node, self.writer.agent_instance);
+        let instance = self.instance;
         let stored_count = self.state.series_count(self.writer.node);
         // New series of this batch (neither stored nor refused), with their kind.
         let mut new_keys: HashMap<SeriesKey, MetricKind> = HashMap::new();
@@ -351,13 +353,13 @@ impl BatchCheck<'_> {
 
     /// The kind of the series `id`, or why its samples are rejected.
     fn kind_of(&self, id: u64) -> Result<MetricKind, Reason> {
-        if let Some(kind) = self.kinds.get(&id) {
+        // Most batches declare nothing: skip hashing into an empty map.
+        if !self.kinds.is_empty()
+            && let Some(kind) = self.kinds.get(&id)
+        {
             return *kind;
         }
-        let instance = self
-            .state
-            .instance(self.writer.node, self.writer.agent_instance);
-        match instance {
+        match self.instance {
             Some(instance) => match instance.ids.get(&id) {
                 Some(stored) => Ok(self.state.series(*stored).kind),
                 None if instance.refused.contains(&id) => Err(Reason::SeriesLimit),

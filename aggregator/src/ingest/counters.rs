@@ -45,6 +45,10 @@ counters! {
     messages_oversize,
     /// Messages of a kind this aggregator does not know (a newer agent); ignored.
     messages_unknown,
+    /// Batches whose delta block could not be decoded: the stream is ended, the agent resends.
+    messages_undecodable,
+    /// Batches that carried a delta block (stream-delta encoding).
+    batches_delta_coded,
     /// Batches stored (appended to the log and acked once durable).
     batches_stored,
     /// Batches at or below their agent instance's stored sequence: acked, not stored again.

@@ -16,6 +16,7 @@ use std::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
+use vigil_proto::delta::{DELTA_V1, DeltaDecoder, ENCODINGS_HEADER};
 use vigil_proto::v1::{
     Ack, AgentMessage, AggregatorMessage, Hello, agent_message, aggregator_message,
     ingest_server::Ingest,
@@ -179,7 +180,14 @@ impl Ingest for IngestService {
         let (admitted_tx, admitted_rx) = mpsc::channel(256);
         tokio::spawn(self.0.clone().read_batches(open, inbound, admitted_tx));
         tokio::spawn(self.0.clone().send_replies(admitted_rx, replies_tx));
-        Ok(Response::new(ReceiverStream::new(replies_rx)))
+        let mut response = Response::new(ReceiverStream::new(replies_rx));
+        // The offer of the stream-delta encoding: an agent uses it only when offered, so an
+        // older aggregator (no header) never gets blocks it would ignore.
+        response.metadata_mut().insert(
+            ENCODINGS_HEADER,
+            tonic::metadata::MetadataValue::from_static(DELTA_V1),
+        );
+        Ok(response)
     }
 }
 
@@ -196,6 +204,10 @@ impl IngestShared {
             node: &open.node,
             agent_instance: &open.agent_instance,
         };
+        // Every batch of the stream goes through it, duplicates included, so its state follows
+        // the agent's encoder. Room for the node's series limit, with slack for churn between
+        // the encoding's sweeps.
+        let mut delta = DeltaDecoder::new(self.limits.max_series_per_node.saturating_mul(2));
         loop {
             let message = tokio::select! {
                 _ = stopped(&mut shutdown) => {
@@ -211,21 +223,24 @@ impl IngestShared {
             let reply = match message {
                 Ok(None) => return,
                 Ok(Some(AgentMessage {
-                    body: Some(agent_message::Body::Batch(batch)),
-                })) => match admission::admit(
-                    &self.store,
-                    &self.wal,
-                    &self.counters,
-                    &self.limits,
-                    &writer,
-                    batch,
-                    now_ms(),
-                ) {
-                    Ok(admission) => {
-                        self.nodes.seen(&open.node);
-                        Reply::Admitted(admission)
-                    }
-                    Err(error) => Reply::End(Status::unavailable(error.to_string())),
+                    body: Some(agent_message::Body::Batch(mut batch)),
+                })) => match self.decode_delta(&mut delta, &mut batch) {
+                    Err(status) => Reply::End(status),
+                    Ok(()) => match admission::admit(
+                        &self.store,
+                        &self.wal,
+                        &self.counters,
+                        &self.limits,
+                        &writer,
+                        batch,
+                        now_ms(),
+                    ) {
+                        Ok(admission) => {
+                            self.nodes.seen(&open.node);
+                            Reply::Admitted(admission)
+                        }
+                        Err(error) => Reply::End(Status::unavailable(error.to_string())),
+                    },
                 },
                 Ok(Some(AgentMessage {
                     body: Some(agent_message::Body::Hello(_)),
@@ -310,6 +325,34 @@ impl IngestShared {
     }
 
     /// The status to end a stream with when reading from it failed.
+    /// Decodes the batch's delta block (if any) into its samples and histograms. A block that
+    /// does not decode leaves the stream's encoding state unknown: the stream ends with
+    /// `invalid_argument` and the agent resends from its spool on a new stream, which starts the
+    /// encoding afresh.
+    fn decode_delta(
+        &self,
+        decoder: &mut DeltaDecoder,
+        batch: &mut vigil_proto::v1::Batch,
+    ) -> Result<(), Status> {
+        let coded = batch.delta.is_some();
+        match decoder.decode(batch) {
+            Ok(()) => {
+                if coded {
+                    IngestCounters::add(&self.counters.batches_delta_coded, 1);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                IngestCounters::add(&self.counters.messages_undecodable, 1);
+                Err(Status::invalid_argument(format!(
+                    "batch {}: {error}; the stream's encoding state is lost: reconnect and \
+                     resend what was not acked",
+                    batch.sequence
+                )))
+            }
+        }
+    }
+
     fn inbound_error(&self, status: Status) -> Status {
         let oversize = status.code() == Code::ResourceExhausted
             || (status.code() == Code::OutOfRange && status.message().contains("too large"));

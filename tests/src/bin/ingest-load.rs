@@ -4,6 +4,7 @@
 //! ```text
 //! ingest-load --endpoint 127.0.0.1:PORT --agents N --duration-s S
 //!             [--mode throughput|interval] [--window W] [--interval-ms MS] [--threads T]
+//!             [--encoding delta|plain]
 //! ```
 //!
 //! Each agent is one TCP connection with one `Ingest.Stream`: a Hello, then batch 1, which
@@ -15,12 +16,14 @@
 //! takes is reported as `declare_s`, and the line `ingest-load: sending` marks it on stdout), so
 //! the figures are of the steady state.
 //!
-//! To keep the generator cheap, the readings are encoded once, in a few variants with
-//! different values, shared by all agents; each send only writes the sequence number and base
-//! time in front of a variant's bytes. Compression is per gRPC message, so the size on the wire
-//! depends on the values inside a batch, which the variants model (integers, counters,
-//! fractional readings such as watts from milliwatts, constant gauges), not on the last batch.
-//! (Counters therefore step back every few batches; the aggregator does not check that.)
+//! To keep the generator cheap, 128 consecutive readings (a second apart: gauges around their
+//! base, counters growing, histogram buckets gaining Poisson-distributed observations) are
+//! encoded once, shared by all agents (series ids are the same on every agent; labels differ);
+//! each send only writes the sequence number and base time in front of a reading's bytes.
+//! `--encoding delta` (default) codes each reading against the previous one as the real agent
+//! does against an aggregator that offers it (vigil_proto::delta; the ring carries one more
+//! entry, reading 0 coded against reading 127, so a stream cycles through the ring with its
+//! encoding state right); `--encoding plain` sends plain Batches, each compressed alone.
 //!
 //! Modes: `throughput` sends as fast as acks allow (at most `--window` batches unacked per
 //! agent) for the duration; `interval` sends one batch per agent per `--interval-ms`, agents
@@ -58,6 +61,7 @@ use tonic::{
     codegen::http::uri::PathAndQuery,
     transport::{Endpoint, Uri},
 };
+use vigil_proto::delta::{DELTA_V1, DeltaEncoder, ENCODINGS_HEADER};
 use vigil_proto::v1::{
     self as wire, AgentMessage, AggregatorMessage, MetricType, agent_message, aggregator_message,
 };
@@ -76,8 +80,8 @@ const SYSCALLS: [&str; 10] = [
     "openat",
     "close",
 ];
-/// Encoded sample parts, cycled through by every agent.
-const VARIANTS: usize = 8;
+/// Consecutive readings encoded ahead of time, cycled through by every agent.
+const RING: usize = 128;
 /// How long an agent waits for its last acks once it stops sending.
 const DRAIN: Duration = Duration::from_secs(10);
 /// zstd level tonic compresses with (zstd's default).
@@ -97,6 +101,7 @@ struct Config {
     window: usize,
     interval: Duration,
     threads: usize,
+    encoding: Encoding,
 }
 
 fn parse_args() -> Result<Config, String> {
@@ -108,6 +113,7 @@ fn parse_args() -> Result<Config, String> {
         window: 8,
         interval: Duration::from_secs(1),
         threads: 2,
+        encoding: Encoding::Delta,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -129,6 +135,13 @@ fn parse_args() -> Result<Config, String> {
             "--window" => config.window = number()?.clamp(1, 256) as usize,
             "--interval-ms" => config.interval = Duration::from_millis(number()?.max(1)),
             "--threads" => config.threads = number()?.clamp(1, 64) as usize,
+            "--encoding" => {
+                config.encoding = match value.as_str() {
+                    "delta" => Encoding::Delta,
+                    "plain" => Encoding::Plain,
+                    other => return Err(format!("--encoding {other}: delta or plain")),
+                }
+            }
             "--mode" => {
                 config.mode = match value.as_str() {
                     "throughput" => Mode::Throughput,
@@ -174,8 +187,13 @@ enum Shape {
     /// Integer readings: bytes, MHz, degrees, running counts; `step` per reading plus jitter.
     Int { base: f64, step: f64, jitter: f64 },
     /// Fractional readings at a fixed resolution (`1/div`): watts from milliwatts, ratios from
-    /// percent, CPU seconds from clock ticks.
-    Frac { base: f64, jitter: f64, div: f64 },
+    /// percent, CPU seconds from clock ticks; `step` per reading (counters) plus jitter.
+    Frac {
+        base: f64,
+        step: f64,
+        jitter: f64,
+        div: f64,
+    },
 }
 
 impl Shape {
@@ -185,7 +203,12 @@ impl Shape {
             Shape::Int { base, step, jitter } => {
                 (base + step * reading as f64 + (rng.unit() * jitter).floor()).round()
             }
-            Shape::Frac { base, jitter, div } => ((base + rng.unit() * jitter) * div).round() / div,
+            Shape::Frac {
+                base,
+                step,
+                jitter,
+                div,
+            } => ((base + step * reading as f64 + rng.unit() * jitter) * div).round() / div,
         }
     }
 }
@@ -199,8 +222,7 @@ struct ValueSeries {
 
 struct HistogramSeries {
     labels: Vec<(&'static str, String)>,
-    first_bucket: u32,
-    /// Index steps between non-empty buckets (the first is `first_bucket`).
+    /// Index steps between non-empty buckets (the first is the first bucket's index).
     deltas: Vec<u32>,
     /// Relative weight of each non-empty bucket.
     weights: Vec<f64>,
@@ -244,7 +266,12 @@ fn node(agent: usize) -> Node {
         };
         let util = rng.unit() * 40.0 + 55.0;
         let int = |base: f64, step: f64, jitter: f64| Int { base, step, jitter };
-        let frac = |base: f64, jitter: f64, div: f64| Frac { base, jitter, div };
+        let frac = |base: f64, jitter: f64, div: f64| Frac {
+            base,
+            step: 0.0,
+            jitter,
+            div,
+        };
         let specs: [(&'static str, bool, Shape); 30] = [
             (
                 "vigil_gpu_memory_total_bytes",
@@ -313,7 +340,12 @@ fn node(agent: usize) -> Node {
             (
                 "vigil_gpu_energy_joules_total",
                 true,
-                frac(2.1e8, 700.0, 1000.0),
+                Frac {
+                    base: 2.1e8,
+                    step: 600.0,
+                    jitter: 100.0,
+                    div: 1000.0,
+                },
             ),
             ("vigil_gpu_sm_active_ratio", false, frac(0.7, 0.2, 1000.0)),
             (
@@ -350,7 +382,8 @@ fn node(agent: usize) -> Node {
                 true,
                 Frac {
                     base: 5.0e4,
-                    jitter: 1.0,
+                    step: 2.5,
+                    jitter: 0.5,
                     div: 100.0,
                 },
             ),
@@ -359,7 +392,8 @@ fn node(agent: usize) -> Node {
                 true,
                 Frac {
                     base: 9.0e3,
-                    jitter: 0.3,
+                    step: 0.3,
+                    jitter: 0.2,
                     div: 100.0,
                 },
             ),
@@ -368,6 +402,7 @@ fn node(agent: usize) -> Node {
                 true,
                 Frac {
                     base: 120.0,
+                    step: 0.05,
                     jitter: 0.05,
                     div: 100.0,
                 },
@@ -453,7 +488,6 @@ fn node(agent: usize) -> Node {
             labels.push(("syscall", syscall.to_string()));
             histograms.push(HistogramSeries {
                 labels,
-                first_bucket,
                 deltas,
                 weights,
                 base: 10f64.powf(4.0 + rng.unit() * 4.0),
@@ -465,8 +499,16 @@ fn node(agent: usize) -> Node {
     let host = |name: &'static str, labels: Vec<(&'static str, String)>, counter, shape| {
         gauge(name, labels, counter, shape)
     };
-    for mode in [
-        "user", "system", "idle", "iowait", "irq", "softirq", "steal", "nice",
+    // CPU seconds per second of a 224-CPU node, by mode.
+    for (mode, step) in [
+        ("user", 60.0),
+        ("system", 10.0),
+        ("idle", 150.0),
+        ("iowait", 1.0),
+        ("irq", 0.5),
+        ("softirq", 2.0),
+        ("steal", 0.0),
+        ("nice", 0.2),
     ] {
         values.push(host(
             "vigil_host_cpu_seconds_total",
@@ -474,7 +516,8 @@ fn node(agent: usize) -> Node {
             true,
             Frac {
                 base: 4.0e6,
-                jitter: 50.0,
+                step,
+                jitter: step * 0.2,
                 div: 100.0,
             },
         ));
@@ -489,6 +532,7 @@ fn node(agent: usize) -> Node {
             false,
             Frac {
                 base: 40.0 + i as f64,
+                step: 0.0,
                 jitter: 3.0,
                 div: 100.0,
             },
@@ -569,7 +613,8 @@ fn node(agent: usize) -> Node {
                 if counter.ends_with("seconds") {
                     Frac {
                         base: 9.0e4,
-                        jitter: 2.0,
+                        step: 2.0,
+                        jitter: 1.0,
                         div: 1000.0,
                     }
                 } else {
@@ -625,7 +670,8 @@ fn node(agent: usize) -> Node {
             false,
             Frac {
                 base: 1.2e6,
-                jitter: 1.0,
+                step: 1.0,
+                jitter: 0.01,
                 div: 100.0,
             },
         ),
@@ -697,69 +743,173 @@ fn declarations(node: &Node) -> Bytes {
     .into()
 }
 
-/// The samples and histograms of reading `reading` (fields 4 and 5 of a Batch).
-fn readings(node: &Node, reading: u64) -> Bytes {
-    let (samples, histograms) = reading_parts(node, reading);
-    [samples, histograms].concat().into()
+/// One reading of every series of a node: what one pass of an agent yields.
+#[derive(Clone)]
+struct Reading {
+    samples: Vec<wire::Sample>,
+    histograms: Vec<wire::Histogram>,
 }
 
-/// The encoded samples (field 4) and histograms (field 5) of reading `reading`.
-fn reading_parts(node: &Node, reading: u64) -> (Vec<u8>, Vec<u8>) {
-    let mut rng = Rng(reading.wrapping_mul(0x1234_5678_9abc_def1) ^ 0xfeed);
-    let samples = node
-        .values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| wire::Sample {
-            series_id: i as u64 + 1,
-            time_delta_ms: 0,
-            value: v.shape.value(reading, &mut rng),
-        })
-        .collect();
-    let histograms = node
+/// A Poisson-distributed count with mean `lambda` (Knuth's method for small means, the normal
+/// approximation above).
+fn poisson(lambda: f64, rng: &mut Rng) -> u64 {
+    if lambda <= 0.0 {
+        return 0;
+    }
+    if lambda < 30.0 {
+        let limit = (-lambda).exp();
+        let mut product = 1.0;
+        let mut k = 0;
+        loop {
+            product *= rng.unit();
+            if product <= limit {
+                return k;
+            }
+            k += 1;
+        }
+    }
+    let gauss =
+        (-2.0 * (1.0 - rng.unit()).ln()).sqrt() * (std::f64::consts::TAU * rng.unit()).cos();
+    (lambda + lambda.sqrt() * gauss).round().max(0.0) as u64
+}
+
+/// `count` consecutive readings of `node`, a second apart, as an agent takes them: gauges move
+/// around their base, counters grow by their step, and every histogram gets a Poisson number
+/// of new observations per bucket (its rate, +-50% from second to second, spread by the
+/// bucket weights), with the latency sum kept in integer nanoseconds as the agent's eBPF
+/// counters keep it.
+fn consecutive_readings(node: &Node, count: usize) -> Vec<Reading> {
+    let mut rng = Rng(0xfeed);
+    let mut histograms: Vec<(Vec<u64>, u64)> = node
         .histograms
         .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let total = h.base + h.rate * reading as f64;
-            let bucket_counts: Vec<u64> = h
-                .weights
-                .iter()
-                .map(|w| (w * total + rng.unit() * 3.0) as u64 + 1)
-                .collect();
+        .map(|h| {
+            let total: f64 = h.weights.iter().sum();
             let mut index = 0;
-            let sum_seconds = h
+            let mut sum_ns = 0u64;
+            let counts = h
                 .deltas
                 .iter()
-                .zip(&bucket_counts)
-                .map(|(d, c)| {
+                .zip(&h.weights)
+                .map(|(d, w)| {
                     index += d;
-                    // About the bucket's bound: 2^(6 + index / 16) ns.
-                    *c as f64 * 2f64.powf(6.0 + index as f64 / 16.0) * 1e-9
+                    let count = (w / total * h.base) as u64 + 1;
+                    sum_ns += count * bucket_ns(index);
+                    count
                 })
-                .sum();
-            debug_assert_eq!(h.deltas[0], h.first_bucket);
-            wire::Histogram {
-                series_id: (node.values.len() + i) as u64 + 1,
-                time_delta_ms: 0,
-                count: bucket_counts.iter().sum(),
-                sum_seconds,
-                bucket_index_deltas: h.deltas.clone(),
-                bucket_counts,
-            }
+                .collect();
+            (counts, sum_ns)
         })
         .collect();
-    let samples = wire::Batch {
-        samples,
+    (0..count as u64)
+        .map(|reading| {
+            let samples = node
+                .values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| wire::Sample {
+                    series_id: i as u64 + 1,
+                    time_delta_ms: 0,
+                    value: v.shape.value(reading, &mut rng),
+                })
+                .collect();
+            let histograms = node
+                .histograms
+                .iter()
+                .zip(histograms.iter_mut())
+                .enumerate()
+                .map(|(i, (h, (counts, sum_ns)))| {
+                    if reading > 0 {
+                        let total: f64 = h.weights.iter().sum();
+                        let rate = h.rate * (0.5 + rng.unit());
+                        let mut index = 0;
+                        for ((d, w), count) in
+                            h.deltas.iter().zip(&h.weights).zip(counts.iter_mut())
+                        {
+                            index += d;
+                            let new = poisson(rate * w / total, &mut rng);
+                            *count += new;
+                            // Each observation somewhere inside its bucket.
+                            *sum_ns +=
+                                (new as f64 * bucket_ns(index) as f64 * (0.75 + 0.25 * rng.unit()))
+                                    as u64;
+                        }
+                    }
+                    wire::Histogram {
+                        series_id: (node.values.len() + i) as u64 + 1,
+                        time_delta_ms: 0,
+                        count: counts.iter().sum(),
+                        sum_seconds: *sum_ns as f64 / 1e9,
+                        bucket_index_deltas: h.deltas.clone(),
+                        bucket_counts: counts.clone(),
+                    }
+                })
+                .collect();
+            Reading {
+                samples,
+                histograms,
+            }
+        })
+        .collect()
+}
+
+/// About the upper bound of Vigil's log-linear bucket `index`: 2^(6 + index / 16) ns.
+fn bucket_ns(index: u32) -> u64 {
+    2f64.powf(6.0 + index as f64 / 16.0) as u64
+}
+
+/// How readings go on the wire.
+#[derive(Clone, Copy, PartialEq)]
+enum Encoding {
+    /// `Batch.samples` and `Batch.histograms`, each message compressed alone.
+    Plain,
+    /// `Batch.delta`: coded against the previous batch of the stream (vigil_proto::delta).
+    Delta,
+}
+
+/// The readings of `ring`, encoded as the body of consecutive Batches of one stream (their
+/// fields after sequence and base time). Plain: one entry per reading. Delta: entry k is
+/// reading k coded against reading k - 1 (entry 0 against nothing, after the declaring
+/// batch), plus one last entry with reading 0 coded against the last reading, so that a
+/// stream can cycle through the ring without its encoding state going wrong.
+fn encode_ring(ring: &[Reading], encoding: Encoding) -> Vec<Bytes> {
+    let body = |batch: wire::Batch| -> Bytes { batch.encode_to_vec().into() };
+    let batch = |reading: &Reading| wire::Batch {
+        samples: reading.samples.clone(),
+        histograms: reading.histograms.clone(),
         ..Default::default()
+    };
+    match encoding {
+        Encoding::Plain => ring.iter().map(|r| body(batch(r))).collect(),
+        Encoding::Delta => {
+            let mut encoder = DeltaEncoder::new();
+            // The declaring batch (no readings) is the stream's first.
+            encoder.encode(&mut wire::Batch::default());
+            ring.iter()
+                .chain(ring.first())
+                .map(|r| {
+                    let mut batch = batch(r);
+                    encoder.encode(&mut batch);
+                    body(batch)
+                })
+                .collect()
+        }
     }
-    .encode_to_vec();
-    let histograms = wire::Batch {
-        histograms,
-        ..Default::default()
+}
+
+/// The body of the `k`-th batch of readings (0-based) a stream sends, from [`encode_ring`].
+fn ring_entry(entries: &[Bytes], encoding: Encoding, k: usize) -> &Bytes {
+    match encoding {
+        Encoding::Plain => &entries[k % entries.len()],
+        Encoding::Delta => {
+            let n = entries.len() - 1;
+            if k >= n && k.is_multiple_of(n) {
+                &entries[n]
+            } else {
+                &entries[k % n]
+            }
+        }
     }
-    .encode_to_vec();
-    (samples, histograms)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -989,7 +1139,10 @@ async fn agent_inner(
             agent_version: "ingest-load".into(),
             boot_id: format!("00000000-0000-4000-8000-{index:012}"),
             agent_instance: format!("load-{index:05}-{}", std::process::id()),
-            capabilities: vec![],
+            capabilities: match config.encoding {
+                Encoding::Delta => vec![DELTA_V1.to_string()],
+                Encoding::Plain => vec![],
+            },
         })),
     };
     let (tx, rx) = mpsc::channel::<Out>(1);
@@ -1005,6 +1158,16 @@ async fn agent_inner(
         )
         .await
         .map_err(|status| format!("stream: {status}"))?;
+    let offered = response
+        .metadata()
+        .get(ENCODINGS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|e| e.trim() == DELTA_V1));
+    if config.encoding == Encoding::Delta && !offered {
+        return Err(format!(
+            "the aggregator does not offer {DELTA_V1} (response header {ENCODINGS_HEADER})"
+        ));
+    }
     let mut inbound = response.into_inner();
 
     // Batch 1 declares the series (and carries no readings); sending starts once every agent
@@ -1123,7 +1286,8 @@ async fn agent_inner(
                     sequence,
                     base_time_ms: now_ms(),
                     declarations: None,
-                    readings: shared.readings[sequence as usize % shared.readings.len()].clone(),
+                    readings: ring_entry(&shared.readings, config.encoding, sequence as usize - 2)
+                        .clone(),
                 });
             },
             _ = tokio::time::sleep_until(wake.into()), if !may_send => {},
@@ -1179,14 +1343,26 @@ fn main() {
     let template = node(0);
     let values_per_batch = template.values.len() as u64;
     let histograms_per_batch = template.histograms.len() as u64;
-    let readings: Vec<Bytes> = (0..VARIANTS as u64)
-        .map(|r| readings(&template, r + 1))
-        .collect();
+    let ring = consecutive_readings(&template, RING);
+    let readings = encode_ring(&ring, config.encoding);
     // What tonic puts in a gRPC frame for a steady-state batch: the message, zstd-compressed
-    // at tonic's level, plus the 5-byte frame header.
+    // at tonic's level, plus the 5-byte frame header. Delta: the ring's coded readings after
+    // the first (which is coded against nothing).
+    let steady = |entries: &[Bytes]| -> Vec<Bytes> {
+        match config.encoding {
+            Encoding::Plain => entries.to_vec(),
+            Encoding::Delta => entries[1..RING].to_vec(),
+        }
+    };
+    let zstd_len = |bytes: &[u8]| {
+        zstd::bulk::compress(bytes, ZSTD_LEVEL)
+            .map(|c| c.len())
+            .unwrap_or(0)
+    };
+    let steady_entries = steady(&readings);
     let mut message_bytes = 0usize;
     let mut compressed_bytes = 0usize;
-    for (r, body) in readings.iter().enumerate() {
+    for (r, body) in steady_entries.iter().enumerate() {
         let mut encoded = Vec::new();
         encode_out(
             &Out::Batch {
@@ -1199,29 +1375,45 @@ fn main() {
         );
         debug_assert!(AgentMessage::decode(encoded.as_slice()).is_ok());
         message_bytes += encoded.len();
-        compressed_bytes += zstd::bulk::compress(&encoded, ZSTD_LEVEL)
-            .map(|c| c.len())
-            .unwrap_or(0)
-            + 5;
+        compressed_bytes += zstd_len(&encoded) + 5;
     }
     let declaration_bytes = declarations(&template).len();
-    // The same, for the values and the histograms apart (each part compressed alone).
-    let (values_part, histograms_part) = reading_parts(&template, 1);
-    let zstd_len = |bytes: &[u8]| {
-        zstd::bulk::compress(bytes, ZSTD_LEVEL)
-            .map(|c| c.len())
-            .unwrap_or(0)
+    // The same, for the values and the histograms apart (each part on a stream of its own).
+    let part = |keep_values: bool| -> (f64, f64) {
+        let only: Vec<Reading> = ring
+            .iter()
+            .map(|r| Reading {
+                samples: if keep_values {
+                    r.samples.clone()
+                } else {
+                    Vec::new()
+                },
+                histograms: if keep_values {
+                    Vec::new()
+                } else {
+                    r.histograms.clone()
+                },
+            })
+            .collect();
+        let entries = steady(&encode_ring(&only, config.encoding));
+        let n = entries.len() as f64;
+        (
+            entries.iter().map(|e| e.len()).sum::<usize>() as f64 / n,
+            entries.iter().map(|e| zstd_len(e)).sum::<usize>() as f64 / n,
+        )
     };
+    let (values_raw, values_zstd) = part(true);
+    let (histograms_raw, histograms_zstd) = part(false);
     let part_bytes = serde_json::json!({
-        "values_raw": values_part.len(),
-        "values_zstd": zstd_len(&values_part),
-        "histograms_raw": histograms_part.len(),
-        "histograms_zstd": zstd_len(&histograms_part),
+        "values_raw": values_raw,
+        "values_zstd": values_zstd,
+        "histograms_raw": histograms_raw,
+        "histograms_zstd": histograms_zstd,
     });
     let samples_per_batch = values_per_batch + histograms_per_batch;
-    let message_bytes = message_bytes as f64 / VARIANTS as f64;
-    let compressed_bytes = compressed_bytes as f64 / VARIANTS as f64;
-    drop(template);
+    let message_bytes = message_bytes as f64 / steady_entries.len() as f64;
+    let compressed_bytes = compressed_bytes as f64 / steady_entries.len() as f64;
+    drop((template, ring, steady_entries));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
@@ -1286,6 +1478,7 @@ fn main() {
     let sending_s = config.duration.as_secs_f64();
     let run_s = finished.duration_since(start).as_secs_f64();
     let report = serde_json::json!({
+        "encoding": match config.encoding { Encoding::Delta => "delta", Encoding::Plain => "plain" },
         "mode": match config.mode { Mode::Throughput => "throughput", Mode::Interval => "interval" },
         "agents": config.agents,
         "window": config.window,

@@ -11,6 +11,10 @@
 //! 3. the same at `--light-agents` (default 250), a load this machine can carry, to show the
 //!    latency of the ingest path when it is not saturated.
 //!
+//! Runs 1 and 3 go twice: with the stream-delta encoding (docs/protocol.md, what the agent uses
+//! against this aggregator) and with plain batches (each message compressed alone, what an
+//! agent sends to an aggregator that does not offer it), side by side in one invocation.
+//!
 //! Every run first lets all agents connect and declare their series (timed apart as
 //! "declare s"); the figures are of the sending that follows. Aggregator CPU is utime + stime
 //! from /proc/<pid>/stat from the generator's `ingest-load: sending` line to its exit; the
@@ -189,39 +193,64 @@ pub fn run(
             );
         }
     }
-    let args = |agents: u32, mode: &str, seconds: u64, window: u32| -> Vec<String> {
-        [
-            "--agents",
-            &agents.to_string(),
-            "--mode",
-            mode,
-            "--duration-s",
-            &seconds.to_string(),
-            "--window",
-            &window.to_string(),
-            "--threads",
-            "2",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let args =
+        |agents: u32, mode: &str, seconds: u64, window: u32, encoding: &str| -> Vec<String> {
+            [
+                "--encoding",
+                encoding,
+                "--agents",
+                &agents.to_string(),
+                "--mode",
+                mode,
+                "--duration-s",
+                &seconds.to_string(),
+                "--window",
+                &window.to_string(),
+                "--threads",
+                "2",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
     // Each run: warm-up, sending, up to 10 s draining, plus slack.
     let budget = |seconds: u64| Duration::from_secs(seconds + 60);
     let runs: Vec<(&str, Vec<String>, u64)> = vec![
         (
             "throughput",
-            args(throughput_agents, "throughput", THROUGHPUT_SECONDS, 8),
+            args(
+                throughput_agents,
+                "throughput",
+                THROUGHPUT_SECONDS,
+                8,
+                "delta",
+            ),
             THROUGHPUT_SECONDS,
         ),
         (
             "latency",
-            args(latency_agents, "interval", LATENCY_SECONDS, 64),
+            args(latency_agents, "interval", LATENCY_SECONDS, 64, "delta"),
             LATENCY_SECONDS,
         ),
         (
             "latency-light",
-            args(light_agents, "interval", LATENCY_SECONDS, 64),
+            args(light_agents, "interval", LATENCY_SECONDS, 64, "delta"),
+            LATENCY_SECONDS,
+        ),
+        (
+            "throughput",
+            args(
+                throughput_agents,
+                "throughput",
+                THROUGHPUT_SECONDS,
+                8,
+                "plain",
+            ),
+            THROUGHPUT_SECONDS,
+        ),
+        (
+            "latency-light",
+            args(light_agents, "interval", LATENCY_SECONDS, 64, "plain"),
             LATENCY_SECONDS,
         ),
     ];
@@ -239,8 +268,9 @@ pub fn run(
         first["values_per_batch"], first["histograms_per_batch"], first["samples_per_batch"]
     );
     println!(
-        "{:<14} {:>6} {:>9} {:>11} {:>12} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        "{:<14} {:>6} {:>6} {:>9} {:>11} {:>12} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8}",
         "run",
+        "enc",
         "agents",
         "declare s",
         "samples/s",
@@ -257,8 +287,9 @@ pub fn run(
     for (name, report) in &reports {
         let f = figures(report);
         println!(
-            "{:<14} {:>6} {:>9.1} {:>11.0} {:>12.0} {:>9.2} {:>9.2} {:>8.1} {:>8.1} {:>9.2} {:>9.1} {:>8}",
+            "{:<14} {:>6} {:>6} {:>9.1} {:>11.0} {:>12.0} {:>9.2} {:>9.2} {:>8.1} {:>8.1} {:>9.2} {:>9.1} {:>8}",
             name,
+            report["encoding"].as_str().unwrap_or("?"),
             report["agents"],
             f.declare_s,
             f.samples_per_s,
@@ -281,13 +312,24 @@ pub fn run(
     }
     let throughput = &all[0].1;
     let latency = &all[1].1;
+    let plain = &all[3].1;
     println!();
+    for (encoding, f, report) in [
+        ("delta", throughput, &reports[0].1),
+        ("plain", plain, &reports[3].1),
+    ] {
+        println!(
+            "wire, {encoding}: {:.2} B/sample counted on the sockets while sending (HTTP/2 + gRPC \
+             framing); {:.2} B/sample in a steady-state gRPC frame (zstd level 3); parts of one \
+             batch: {}",
+            f.tcp_bytes_per_sample, f.frame_bytes_per_sample, report["wire"]["parts_of_one_batch"]
+        );
+    }
     println!(
-        "wire: {:.2} B/sample counted on the sockets while sending (HTTP/2 + gRPC framing); \
-         {:.2} B/sample in a steady-state gRPC frame (zstd level 3); parts of one batch: {}",
-        throughput.tcp_bytes_per_sample,
-        throughput.frame_bytes_per_sample,
-        first["wire"]["parts_of_one_batch"]
+        "delta vs plain, measured side by side: {:.2}x the bytes per sample, {:.2}x the samples \
+         per aggregator CPU-second",
+        throughput.tcp_bytes_per_sample / plain.tcp_bytes_per_sample,
+        throughput.samples_per_core / plain.samples_per_core
     );
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     println!(
@@ -322,6 +364,7 @@ pub fn run(
             let f = figures(report);
             json!({
                 "name": name,
+                "encoding": report["encoding"],
                 "generator": report,
                 "samples_per_aggregator_cpu_s": f.samples_per_core,
                 "aggregator_cores": f.aggregator_cores,
