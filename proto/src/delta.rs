@@ -5,8 +5,9 @@
 //! Compressing each message alone, as gRPC does, cannot see that a reading is its previous
 //! reading plus a little: every batch pays for whole doubles and whole running totals again.
 //! Here each value is coded against the same series' previous value on the same stream
-//! (unchanged, an integer or decimal difference, or XOR'd bits), histograms send only the buckets
-//! whose counts moved, and the result goes in columns that zstd shrinks well.
+//! (unchanged, an integer or decimal difference, or XOR'd bits), a histogram's buckets are sent
+//! as their deviation from their usual share of its new observations, and the result goes in
+//! columns that zstd shrinks well.
 //!
 //! Both ends keep the same state, built from the batches of one stream in order: a gRPC stream is
 //! ordered and reliable, and a new stream starts from nothing, so a resend after a reconnect is
@@ -74,9 +75,48 @@ struct ValueState {
 struct HistogramState {
     count: u64,
     sum: f64,
-    /// Non-empty buckets: (index, running count), ascending.
-    buckets: Vec<(u32, u64)>,
+    /// Non-empty buckets, ascending by index.
+    buckets: Vec<Bucket>,
     used: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bucket {
+    index: u32,
+    /// Running count.
+    count: u64,
+    /// The bucket's usual share of the histogram's new observations, in 1/2^SHARE_BITS: an
+    /// average over recent batches, from which both ends predict its next change.
+    share: u32,
+}
+
+/// Fixed-point precision of [`Bucket::share`]. Integer arithmetic, so both ends compute the
+/// same predictions bit for bit.
+const SHARE_BITS: u32 = 20;
+
+/// A bucket's predicted change when the histogram gained `total` observations.
+fn predict(total: i64, share: u32) -> i64 {
+    if total <= 0 {
+        return 0;
+    }
+    ((total as u128 * u128::from(share)) >> SHARE_BITS) as i64
+}
+
+/// The bucket's share after it changed by `change` of the histogram's `total`: a moving
+/// average with weight 1/4 on the newest batch (`previous` is None for a new bucket).
+fn next_share(previous: Option<u32>, change: i64, total: i64) -> u32 {
+    if total <= 0 {
+        return previous.unwrap_or(0);
+    }
+    let observed = ((change.clamp(0, total) as u128) << SHARE_BITS) / total as u128;
+    let observed = observed as i64;
+    match previous {
+        None => observed as u32,
+        Some(previous) => {
+            let previous = i64::from(previous);
+            (previous + (observed - previous) / 4) as u32
+        }
+    }
 }
 
 /// The state both ends keep for one stream.
@@ -171,18 +211,13 @@ impl DeltaEncoder {
                 .histograms
                 .entry(histogram.series_id)
                 .or_default();
-            let bucket_change = put_bucket_changes(
-                &mut block.histogram_bucket_gaps,
-                &mut block.histogram_bucket_changes,
-                &state.buckets,
-                &buckets,
-            );
+            let (total, next) = put_bucket_changes(&mut block, &state.buckets, &buckets);
             put_zigzag(
                 &mut block.histogram_counts,
                 histogram
                     .count
                     .wrapping_sub(state.count)
-                    .wrapping_sub(bucket_change) as i64,
+                    .wrapping_sub(total as u64) as i64,
             );
             put_value(
                 &mut block.histogram_sum_kinds,
@@ -193,7 +228,7 @@ impl DeltaEncoder {
             *state = HistogramState {
                 count: histogram.count,
                 sum: histogram.sum_seconds,
-                buckets,
+                buckets: next,
                 used: generation,
             };
             block.histogram_count += 1;
@@ -232,55 +267,101 @@ fn absolute_buckets(histogram: &Histogram) -> Option<Vec<(u32, u64)>> {
     Some(buckets)
 }
 
-/// The buckets whose counts differ between `previous` and `next` (both ascending by index);
-/// returns the sum of the changes (wrapping).
+/// One histogram's bucket changes from `previous` (the state) to `next` (ascending, no zero
+/// counts): the total change (`histogram_totals`), then for every previous bucket its change
+/// minus the change its share predicts (`histogram_bucket_changes`), then the buckets new to
+/// the histogram (`histogram_bucket_gaps`: their number and index gaps; their counts follow in
+/// `histogram_bucket_changes`). Returns the total and the next state's buckets.
 fn put_bucket_changes(
-    gaps: &mut Vec<u8>,
-    deltas: &mut Vec<u8>,
-    previous: &[(u32, u64)],
+    block: &mut DeltaBlock,
+    previous: &[Bucket],
     next: &[(u32, u64)],
-) -> u64 {
-    let mut changes = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    while i < previous.len() || j < next.len() {
-        let (index, old, new) = match (previous.get(i), next.get(j)) {
-            (Some(&(pi, pc)), Some(&(ni, nc))) if pi == ni => {
-                i += 1;
-                j += 1;
-                (pi, pc, nc)
-            }
-            (Some(&(pi, pc)), Some(&(ni, _))) if pi < ni => {
-                i += 1;
-                (pi, pc, 0)
-            }
-            (Some(&(pi, pc)), None) => {
-                i += 1;
-                (pi, pc, 0)
-            }
-            (_, Some(&(ni, nc))) => {
-                j += 1;
-                (ni, 0, nc)
-            }
-            (None, None) => unreachable!("the loop condition"),
-        };
-        if old != new {
-            changes.push((index, new.wrapping_sub(old) as i64));
+) -> (i64, Vec<Bucket>) {
+    // Each previous bucket's change (its next count is 0 when `next` lacks it), and the buckets
+    // only `next` has.
+    let mut changes = Vec::with_capacity(previous.len());
+    let mut new = Vec::new();
+    let mut j = 0;
+    for bucket in previous {
+        while j < next.len() && next[j].0 < bucket.index {
+            new.push(next[j]);
+            j += 1;
         }
+        let count = match next.get(j) {
+            Some(&(index, count)) if index == bucket.index => {
+                j += 1;
+                count
+            }
+            _ => 0,
+        };
+        changes.push(count.wrapping_sub(bucket.count) as i64);
     }
-    put_varint(gaps, changes.len() as u64);
+    new.extend_from_slice(&next[j..]);
+    let total = changes
+        .iter()
+        .copied()
+        .chain(new.iter().map(|&(_, count)| count as i64))
+        .fold(0i64, i64::wrapping_add);
+
+    put_zigzag(&mut block.histogram_totals, total);
+    for (bucket, &change) in previous.iter().zip(&changes) {
+        put_zigzag(
+            &mut block.histogram_bucket_changes,
+            change.wrapping_sub(predict(total, bucket.share)),
+        );
+    }
+    put_varint(&mut block.histogram_bucket_gaps, new.len() as u64);
     let mut previous_index = None;
-    let mut total = 0u64;
-    for (index, delta) in changes {
+    for &(index, count) in &new {
         let gap = match previous_index {
             None => index,
             Some(p) => index - p - 1,
         };
-        put_varint(gaps, u64::from(gap));
-        put_zigzag(deltas, delta);
-        total = total.wrapping_add(delta as u64);
+        put_varint(&mut block.histogram_bucket_gaps, u64::from(gap));
+        put_varint(&mut block.histogram_bucket_changes, count);
         previous_index = Some(index);
     }
-    total
+    (total, next_buckets(previous, &changes, &new, total))
+}
+
+/// The state's buckets after `changes` (one per previous bucket) and the `new` ones: those left
+/// with a count, ascending, each with its updated share. Both ends build it the same way.
+fn next_buckets(
+    previous: &[Bucket],
+    changes: &[i64],
+    new: &[(u32, u64)],
+    total: i64,
+) -> Vec<Bucket> {
+    let mut buckets = Vec::with_capacity(previous.len() + new.len());
+    let mut new = new.iter().peekable();
+    for (bucket, &change) in previous.iter().zip(changes) {
+        while let Some(&&(index, count)) = new.peek()
+            && index < bucket.index
+        {
+            buckets.push(Bucket {
+                index,
+                count,
+                share: next_share(None, count as i64, total),
+            });
+            new.next();
+        }
+        let count = bucket.count.wrapping_add(change as u64);
+        if count != 0 {
+            buckets.push(Bucket {
+                index: bucket.index,
+                count,
+                share: next_share(Some(bucket.share), change, total),
+            });
+        }
+    }
+    for &(index, count) in new {
+        buckets.push(Bucket {
+            index,
+            count,
+            share: next_share(None, count as i64, total),
+        });
+    }
+    buckets
 }
 
 /// `value` as `n / 10^k` for an integer n (|n| <= 2^53), when that is exactly what dividing
@@ -439,6 +520,7 @@ impl DeltaDecoder {
         let mut times = Reader::new(&block.histogram_times, "histogram_times");
         let mut counts = Reader::new(&block.histogram_counts, "histogram_counts");
         let mut sums = Reader::new(&block.histogram_sum_payloads, "histogram_sum_payloads");
+        let mut totals = Reader::new(&block.histogram_totals, "histogram_totals");
         let mut gaps = Reader::new(&block.histogram_bucket_gaps, "histogram_bucket_gaps");
         let mut changes = Reader::new(&block.histogram_bucket_changes, "histogram_bucket_changes");
         out.reserve(count);
@@ -450,20 +532,21 @@ impl DeltaDecoder {
             self.check_room(!self.state.histograms.contains_key(&series_id))
                 .map_err(at)?;
             let state = self.state.histograms.entry(series_id).or_default();
-            let (next, bucket_change) =
-                apply_bucket_changes(&state.buckets, &mut gaps, &mut changes).map_err(at)?;
+            let (next, total) =
+                apply_bucket_changes(&state.buckets, &mut totals, &mut gaps, &mut changes)
+                    .map_err(at)?;
             let count = state
                 .count
-                .wrapping_add(bucket_change)
+                .wrapping_add(total as u64)
                 .wrapping_add(counts.zigzag().map_err(at)? as u64);
             let sum_seconds = read_value(sum_kind, state.sum, &mut sums).map_err(at)?;
             let mut bucket_index_deltas = Vec::with_capacity(next.len());
             let mut bucket_counts = Vec::with_capacity(next.len());
             let mut previous_index = 0;
-            for &(index, count) in &next {
-                bucket_index_deltas.push(index - previous_index);
-                bucket_counts.push(count);
-                previous_index = index;
+            for bucket in &next {
+                bucket_index_deltas.push(bucket.index - previous_index);
+                bucket_counts.push(bucket.count);
+                previous_index = bucket.index;
             }
             *state = HistogramState {
                 count,
@@ -490,6 +573,7 @@ impl DeltaDecoder {
         times.finish()?;
         counts.finish()?;
         sums.finish()?;
+        totals.finish()?;
         gaps.finish()?;
         changes.finish()
     }
@@ -522,26 +606,43 @@ fn read_value(kind: u8, previous: f64, payloads: &mut Reader<'_>) -> Result<f64,
     }
 }
 
-/// The buckets after applying one histogram's changes, and the sum of the changes.
+/// The buckets after one histogram's changes (see [`put_bucket_changes`]), and its total
+/// change.
 fn apply_bucket_changes(
-    previous: &[(u32, u64)],
+    previous: &[Bucket],
+    totals: &mut Reader<'_>,
     gaps: &mut Reader<'_>,
     deltas: &mut Reader<'_>,
-) -> Result<(Vec<(u32, u64)>, u64), DeltaError> {
-    let changes = gaps.varint()?;
-    // Each change takes at least one byte of each column.
-    if changes > gaps.remaining().min(deltas.remaining()) as u64 {
+) -> Result<(Vec<Bucket>, i64), DeltaError> {
+    let total = totals.zigzag()?;
+    // Every previous bucket has a change, of at least one byte.
+    if previous.len() > deltas.remaining() {
         return Err(DeltaError(format!(
-            "{changes} bucket changes but {} gap and {} change bytes left",
+            "{} bucket changes but {} bytes left",
+            previous.len(),
+            deltas.remaining()
+        )));
+    }
+    let mut changes = Vec::with_capacity(previous.len());
+    let mut sum = 0i64;
+    for bucket in previous {
+        let change = predict(total, bucket.share).wrapping_add(deltas.zigzag()?);
+        sum = sum.wrapping_add(change);
+        changes.push(change);
+    }
+    let new_count = gaps.varint()?;
+    // Each new bucket takes at least one byte of each column.
+    if new_count > gaps.remaining().min(deltas.remaining()) as u64 {
+        return Err(DeltaError(format!(
+            "{new_count} new buckets but {} gap and {} change bytes left",
             gaps.remaining(),
             deltas.remaining()
         )));
     }
-    let mut next = Vec::with_capacity(previous.len() + changes as usize);
-    let mut total = 0u64;
-    let mut i = 0;
+    let mut new = Vec::with_capacity(new_count as usize);
     let mut previous_index: Option<u32> = None;
-    for _ in 0..changes {
+    let mut known = previous.iter().map(|bucket| bucket.index).peekable();
+    for _ in 0..new_count {
         let gap = gaps.varint()?;
         let index = match previous_index {
             None => gap,
@@ -553,27 +654,26 @@ fn apply_bucket_changes(
             )));
         }
         let index = index as u32;
-        let delta = deltas.zigzag()?;
-        total = total.wrapping_add(delta as u64);
-        while i < previous.len() && previous[i].0 < index {
-            next.push(previous[i]);
-            i += 1;
+        while known.next_if(|&k| k < index).is_some() {}
+        if known.peek() == Some(&index) {
+            return Err(DeltaError(format!(
+                "bucket {index} is listed as new but the histogram has it"
+            )));
         }
-        let old = match previous.get(i) {
-            Some(&(pi, pc)) if pi == index => {
-                i += 1;
-                pc
-            }
-            _ => 0,
-        };
-        let new = old.wrapping_add(delta as u64);
-        if new != 0 {
-            next.push((index, new));
+        let count = deltas.varint()?;
+        if count == 0 {
+            return Err(DeltaError(format!("new bucket {index} with count 0")));
         }
+        sum = sum.wrapping_add(count as i64);
+        new.push((index, count));
         previous_index = Some(index);
     }
-    next.extend_from_slice(&previous[i..]);
-    Ok((next, total))
+    if sum != total {
+        return Err(DeltaError(format!(
+            "bucket changes add up to {sum}, not the total {total}"
+        )));
+    }
+    Ok((next_buckets(previous, &changes, &new, total), total))
 }
 
 /// Reads one column.

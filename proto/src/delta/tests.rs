@@ -297,7 +297,10 @@ fn broken_blocks_are_errors_not_panics() {
     cases.push(("histogram_count", b));
     let mut b = block.clone();
     b.histogram_bucket_gaps = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
-    cases.push(("bucket changes", b));
+    cases.push(("new buckets", b));
+    let mut b = block.clone();
+    b.histogram_totals[0] ^= 2;
+    cases.push(("add up to", b));
     let mut b = block.clone();
     b.histogram_bucket_changes
         .truncate(b.histogram_bucket_changes.len() - 1);
@@ -336,6 +339,7 @@ fn broken_blocks_are_errors_not_panics() {
             histogram_counts: bytes(6),
             histogram_sum_kinds: bytes(4),
             histogram_sum_payloads: bytes(20),
+            histogram_totals: bytes(6),
             histogram_bucket_gaps: bytes(15),
             histogram_bucket_changes: bytes(30),
         };
