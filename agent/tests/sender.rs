@@ -665,6 +665,19 @@ fn assert_stored_as_spooled(batches: &[Batch], record: &Record) {
     }
 }
 
+/// Spools `count` moving batches into an agent streaming to `address`, waits until all are
+/// acked, stops the agent and checks that what was stored is what was spooled.
+async fn deliver_moving_batches(address: SocketAddr, record: &Mutex<Record>, count: u64) {
+    let batches = moving_batches(count);
+    let agent = start_agent(address, Compression::Zstd, 0);
+    for batch in &batches {
+        agent.append(batch.clone());
+    }
+    agent.wait_acked(count).await;
+    agent.stop().await;
+    assert_stored_as_spooled(&batches, &record.lock().unwrap());
+}
+
 #[tokio::test]
 async fn offered_delta_encoding_carries_every_value_across_a_reconnect() {
     let address = free_address().await;
@@ -676,23 +689,14 @@ async fn offered_delta_encoding_carries_every_value_across_a_reconnect() {
         },
     )
     .await;
-    let batches = moving_batches(30);
-    let agent = start_agent(address, Compression::Zstd, 0);
-    for batch in &batches {
-        agent.append(batch.clone());
-    }
-    agent.wait_acked(30).await;
-    {
-        let record = record.lock().unwrap();
-        assert!(record.received.len() >= 2, "reconnected");
-        assert!(
-            record.delta_coded.iter().all(|&n| n > 0),
-            "every stream delta-coded: {:?}",
-            record.delta_coded
-        );
-        assert_stored_as_spooled(&batches, &record);
-    }
-    agent.stop().await;
+    deliver_moving_batches(address, &record, 30).await;
+    let record = record.lock().unwrap();
+    assert!(record.received.len() >= 2, "reconnected");
+    assert!(
+        record.delta_coded.iter().all(|&n| n > 0),
+        "every stream delta-coded: {:?}",
+        record.delta_coded
+    );
 }
 
 #[tokio::test]
@@ -700,18 +704,8 @@ async fn an_aggregator_that_does_not_offer_delta_gets_plain_batches() {
     let address = free_address().await;
     let (record, _server) =
         start_aggregator_with_delta(address, Behaviour::AckAll, DeltaOffer::NotOffered).await;
-    let batches = moving_batches(10);
-    let agent = start_agent(address, Compression::Zstd, 0);
-    for batch in &batches {
-        agent.append(batch.clone());
-    }
-    agent.wait_acked(10).await;
-    {
-        let record = record.lock().unwrap();
-        assert_eq!(record.delta_coded, [0]);
-        assert_stored_as_spooled(&batches, &record);
-    }
-    agent.stop().await;
+    deliver_moving_batches(address, &record, 10).await;
+    assert_eq!(record.lock().unwrap().delta_coded, [0]);
 }
 
 #[tokio::test]
@@ -719,21 +713,12 @@ async fn an_aggregator_that_cannot_decode_a_block_gets_plain_batches_from_then_o
     let address = free_address().await;
     let (record, _server) =
         start_aggregator_with_delta(address, Behaviour::AckAll, DeltaOffer::RefusedOnce).await;
-    let batches = moving_batches(10);
-    let agent = start_agent(address, Compression::Zstd, 0);
-    for batch in &batches {
-        agent.append(batch.clone());
-    }
-    agent.wait_acked(10).await;
-    {
-        let record = record.lock().unwrap();
-        assert!(record.received.len() >= 2, "the refused stream ended");
-        assert_eq!(
-            record.delta_coded[1..],
-            vec![0; record.delta_coded.len() - 1],
-            "plain after the refusal"
-        );
-        assert_stored_as_spooled(&batches, &record);
-    }
-    agent.stop().await;
+    deliver_moving_batches(address, &record, 10).await;
+    let record = record.lock().unwrap();
+    assert!(record.received.len() >= 2, "the refused stream ended");
+    assert_eq!(
+        record.delta_coded[1..],
+        vec![0; record.delta_coded.len() - 1],
+        "plain after the refusal"
+    );
 }
