@@ -11,7 +11,7 @@ use promql_parser::{
 use super::{
     aggregate, binary, functions,
     source::{Labels, Matcher, Samples, SeriesSource},
-    value::{FloatHistogram, QueryError},
+    value::{FloatHistogram, QueryError, is_stale_marker},
 };
 use crate::storage::HistogramPoint;
 
@@ -335,8 +335,11 @@ impl<'a> Evaluator<'a> {
             let found = match &series.samples {
                 Samples::Floats(points) => {
                     let end = points.partition_point(|(t, _)| *t <= reference);
-                    (end > 0 && points[end - 1].0 >= oldest)
-                        .then(|| (points[end - 1].0, Sv::F(points[end - 1].1)))
+                    // A staleness marker ends the series at once, lookback or not.
+                    (end > 0
+                        && points[end - 1].0 >= oldest
+                        && !is_stale_marker(points[end - 1].1))
+                    .then(|| (points[end - 1].0, Sv::F(points[end - 1].1)))
                 }
                 Samples::Histograms(points) => {
                     let end = points.partition_point(|(t, _)| *t <= reference);
@@ -370,7 +373,20 @@ impl<'a> Evaluator<'a> {
                 Samples::Floats(points) => {
                     let from = points.partition_point(|(t, _)| *t < start);
                     let to = points.partition_point(|(t, _)| *t <= end);
-                    Points::F(Cow::Borrowed(&points[from..to]))
+                    let window = &points[from..to];
+                    // Staleness markers are not samples: range functions never see them
+                    // (copied only when the window has one).
+                    if window.iter().any(|(_, v)| is_stale_marker(*v)) {
+                        Points::F(Cow::Owned(
+                            window
+                                .iter()
+                                .filter(|(_, v)| !is_stale_marker(*v))
+                                .copied()
+                                .collect(),
+                        ))
+                    } else {
+                        Points::F(Cow::Borrowed(window))
+                    }
                 }
                 Samples::Histograms(points) => {
                     let from = points.partition_point(|(t, _)| *t < start);

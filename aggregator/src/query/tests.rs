@@ -129,6 +129,49 @@ fn selectors_use_matchers_lookback_and_offset() {
 }
 
 #[test]
+fn a_staleness_marker_ends_a_series_and_range_functions_skip_it() {
+    let stale = f64::from_bits(super::value::STALE_NAN_BITS);
+    let mut source = MemorySource::new();
+    // Written at 0 s and 10 s, marked stale at 20 s, back at 40 s.
+    source.add(
+        &[("__name__", "ALERTS"), ("alertname", "Hot")],
+        Samples::Floats(vec![
+            (T0, 1.0),
+            (T0 + 10_000, 1.0),
+            (T0 + 20_000, stale),
+            (T0 + 40_000, 1.0),
+        ]),
+    );
+    // Another NaN is a value like any other.
+    source.add(
+        &[("__name__", "ratio")],
+        Samples::Floats(vec![(T0, f64::NAN)]),
+    );
+    let engine = Engine::new(Arc::new(source));
+    assert_eq!(vector(engine.instant("ALERTS", T0 + 15_000).unwrap()).len(), 1);
+    assert!(
+        vector(engine.instant("ALERTS", T0 + 20_000).unwrap()).is_empty(),
+        "gone at the marker, not five minutes later"
+    );
+    assert!(vector(engine.instant("ALERTS", T0 + 39_000).unwrap()).is_empty());
+    assert_eq!(vector(engine.instant("ALERTS", T0 + 40_000).unwrap()).len(), 1);
+    assert_eq!(vector(engine.instant("ratio", T0 + 1_000).unwrap()).len(), 1);
+    // Range functions see the samples only: 3 of them, never a NaN.
+    let got = vector(
+        engine
+            .instant("count_over_time(ALERTS[1m])", T0 + 45_000)
+            .unwrap(),
+    );
+    assert_eq!(got[0].1, 3.0);
+    let got = vector(
+        engine
+            .instant("max_over_time(ALERTS[1m])", T0 + 45_000)
+            .unwrap(),
+    );
+    assert_eq!(got[0].1, 1.0);
+}
+
+#[test]
 fn rate_increase_and_resets() {
     let engine = engine();
     let at = T0 + 60_000;

@@ -3,6 +3,16 @@
 use super::source::Labels;
 use crate::storage::HistogramPoint;
 
+/// The bits of Prometheus's staleness marker (`value.StaleNaN`): a NaN written when a series
+/// stops (a rule's result or an alert that is gone). Selectors treat a series whose latest
+/// sample is the marker as absent, and range functions skip markers, as Prometheus does.
+pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+
+/// Whether `value` is the staleness marker (and not any other NaN).
+pub fn is_stale_marker(value: f64) -> bool {
+    value.to_bits() == STALE_NAN_BITS
+}
+
 /// A histogram as queries compute it: like a stored [`HistogramPoint`], but with float counts,
 /// because `rate`, `avg` and friends make fractional counts.
 #[derive(Debug, Clone, PartialEq, Default)]
