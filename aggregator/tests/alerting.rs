@@ -1589,3 +1589,270 @@ async fn alerts_reach_a_real_alertmanager_and_resolve_there() {
     .await;
     aggregator.shutdown().await;
 }
+
+// ----- The fast path ---------------------------------------------------------------------------
+//
+// Groups here are evaluated every minute, so an alert that arrives within seconds can only have
+// come through the fast path (alerting/fast.rs): a stored batch that changed a series a
+// `for`-less alert reads, or a node's data reaching an age rule's threshold.
+
+/// `target/<profile>/NAME` (or under `deps/`): built by `cargo test --workspace`.
+fn workspace_artifact(names: &[&str], build: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let candidates: Vec<PathBuf> = names
+        .iter()
+        .flat_map(|name| [deps.join(name), deps.parent().unwrap().join(name)])
+        .collect();
+    candidates
+        .iter()
+        .find(|path| path.exists())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!("none of {candidates:?} exists: build it with `{build}` (`cargo test --workspace` does)")
+        })
+}
+
+fn unix_ms() -> i64 {
+    common::now_ms()
+}
+
+/// Polls Alertmanager's v2 API every 20 ms until an active alert matches `wanted`; the wall
+/// time (ms) it was first seen.
+async fn first_seen_in_alertmanager(
+    url: &str,
+    seconds: u64,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> i64 {
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let answer = client
+            .get(format!("{url}/api/v2/alerts?active=true"))
+            .send()
+            .await;
+        let seen_at = unix_ms();
+        if let Ok(response) = answer
+            && let Ok(text) = response.text().await
+            && let Ok(alerts) = serde_json::from_str::<serde_json::Value>(&text)
+            && alerts
+                .as_array()
+                .is_some_and(|list| list.iter().any(&wanted))
+        {
+            return seen_at;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no matching alert in Alertmanager after {seconds} s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fast_path_config(
+    dir: &Path,
+    rules: &str,
+    alertmanager: &Alertmanager,
+) -> vigil_aggregator::AggregatorConfig {
+    let rule_file = dir.join("rules.yml");
+    std::fs::write(&rule_file, rules).unwrap();
+    let mut config = common::plaintext_config(dir);
+    config.alerting = AlertingConfig {
+        rule_files: vec![rule_file.display().to_string()],
+        evaluation_interval: Duration::from_secs(60),
+        resend_interval: Duration::from_secs(60),
+        alertmanager: vec![vigil_aggregator::alerting::AlertmanagerConfig::new(
+            &alertmanager.url,
+        )],
+        ..AlertingConfig::default()
+    };
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xid_from_the_driver_reaches_alertmanager_at_once_not_at_the_group_interval() {
+    let agent_binary = workspace_artifact(&["vigil-agent"], "cargo build -p vigil-agent");
+    let fake_nvml = workspace_artifact(&["libfake_nvml.so"], "cargo build -p fake-nvml");
+    let alertmanager = start_alertmanager().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The catalog's GPUXidError expression, in a group evaluated once a minute.
+    let config = fast_path_config(
+        dir.path(),
+        r#"groups:
+  - name: xid
+    interval: 1m
+    rules:
+      - alert: VigilFastXid
+        expr: >-
+          increase(vigil_gpu_xid_errors_total[10m]) > 0
+          or (vigil_gpu_xid_errors_total unless vigil_gpu_xid_errors_total offset 10m)
+        labels:
+          severity: critical
+"#,
+        &alertmanager,
+    );
+    let aggregator = common::start(&config).await;
+
+    // The stand-in driver: one GPU with XID 79 four seconds after the agent loads it.
+    let driver = dir.path().join("driver");
+    std::fs::create_dir_all(&driver).unwrap();
+    let library = driver.join("libnvidia-ml.so.1");
+    std::fs::copy(&fake_nvml, &library).unwrap();
+    std::fs::write(
+        driver.join("fake-nvml-scenario.json"),
+        serde_json::json!({"devices": [{
+            "uuid": "GPU-5a1c0d3e-0000-4000-8000-00000000fa57",
+            "name": "NVIDIA H100 80GB HBM3",
+            "pci_bus_id": "00000000:17:00.0",
+            "memory_total_bytes": 85_520_809_984u64,
+            "timeline": [{"at_s": 0, "gpu_util": 50, "temperature_c": 60}],
+            "events": [{"at_s": 4.0, "type": "xid", "xid": 79}],
+        }]})
+        .to_string(),
+    )
+    .unwrap();
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "[syscalls]\nenabled = false\n[gpu]\nnvml_library = \"{}\"\n[transport]\n\
+             endpoints = [\"http://{}\"]\nplaintext = true\nspool_dir = \"{}\"\n\
+             interval = \"1s\"\n",
+            library.display(),
+            aggregator.grpc_addr(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let event_log = dir.path().join("nvml-events.log");
+    let agent = KillOnDrop(
+        Command::new(&agent_binary)
+            .arg("run")
+            .arg("--config")
+            .arg(&agent_config)
+            .env_remove("FAKE_NVML_SCENARIO")
+            .env("VIGIL_FAKE_NVML_EVENT_LOG", &event_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vigil-agent run"),
+    );
+
+    // When the driver delivered the XID (the stand-in logs `UNIX_NS GPU xid 79`).
+    let delivered_ms = wait_for("the stand-in to deliver the XID", 30, async || {
+        let log = std::fs::read_to_string(&event_log).ok()?;
+        let line = log.lines().find(|line| line.ends_with(" xid 79"))?;
+        let ns: i128 = line.split(' ').next()?.parse().ok()?;
+        Some((ns / 1_000_000) as i64)
+    })
+    .await;
+    let seen_ms = first_seen_in_alertmanager(&alertmanager.url, 30, |alert| {
+        alert["labels"]["alertname"] == "VigilFastXid" && alert["labels"]["xid"] == "79"
+    })
+    .await;
+    let latency = seen_ms - delivered_ms;
+    eprintln!("XID: driver -> Alertmanager {latency} ms");
+    assert!(
+        (0..5_000).contains(&latency),
+        "the XID reached Alertmanager {latency} ms after the driver delivered it; the group is \
+         evaluated once a minute, so only the fast path gets it there within seconds"
+    );
+
+    // The agent sent it at once, in a batch of its own: the counter's first sample is stamped
+    // when the event was taken, not at the next whole-second pass.
+    let store = aggregator.store().clone();
+    let series = store
+        .series()
+        .into_iter()
+        .find(|s| s.name == "vigil_gpu_xid_errors_total")
+        .expect("the XID counter is stored");
+    let first = store.samples_of(series.id)[0].time_ms;
+    assert!(
+        (delivered_ms - 5..delivered_ms + 250).contains(&first) && first % 1000 != 0,
+        "the XID counter's first sample is stamped {} ms after the delivery ({first}): it \
+         waited for a pass",
+        first - delivered_ms
+    );
+
+    // SIGTERM still stops it promptly: the collection thread waits on the health-event
+    // doorbell between passes and must see the stop.
+    let mut agent = agent;
+    let status = Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let exited = wait_for("the agent to stop after SIGTERM", 10, async || {
+        agent.0.try_wait().unwrap()
+    })
+    .await;
+    assert!(exited.success(), "the agent exited with {exited}");
+    aggregator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_reaches_alertmanager_within_the_threshold_plus_3_s() {
+    let alertmanager = start_alertmanager().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The catalog's recording and AgentSilent, with a 5 s threshold, evaluated once a minute.
+    let config = fast_path_config(
+        dir.path(),
+        r#"groups:
+  - name: agents
+    interval: 1m
+    rules:
+      - record: vigil:agent_last_seen_timestamp_seconds
+        expr: max by (node) (timestamp(vigil_agent_spool_bytes))
+      - alert: VigilFastSilent
+        expr: >-
+          time() - max by (node) (max_over_time(vigil:agent_last_seen_timestamp_seconds[1h]))
+            > 5
+        labels:
+          severity: critical
+"#,
+        &alertmanager,
+    );
+    let aggregator = common::start(&config).await;
+    let mut stream = common::open_plaintext(&aggregator, common::hello("quiet-node", "a1")).await;
+    let mut last_ms = 0;
+    for sequence in 1..=6u64 {
+        let declarations = if sequence == 1 {
+            vec![common::declare(
+                1,
+                "vigil_agent_spool_bytes",
+                &[],
+                MetricType::Gauge,
+            )]
+        } else {
+            Vec::new()
+        };
+        let batch = common::batch(sequence, declarations, vec![common::sample(1, 0, 4096.0)]);
+        last_ms = batch.base_time_ms;
+        let rejections = stream.store(batch).await;
+        assert!(rejections.is_empty(), "{rejections:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(stream);
+    let seen_ms = first_seen_in_alertmanager(&alertmanager.url, 30, |alert| {
+        alert["labels"]["alertname"] == "VigilFastSilent" && alert["labels"]["node"] == "quiet-node"
+    })
+    .await;
+    let after_threshold = seen_ms - (last_ms + 5_000);
+    eprintln!("agent silent: threshold -> Alertmanager {after_threshold} ms");
+    assert!(
+        (0..3_000).contains(&after_threshold),
+        "AgentSilent reached Alertmanager {after_threshold} ms after the node's 5 s threshold \
+         passed (the group is evaluated once a minute; the deadline evaluation should get it \
+         there within 3 s, and never before the threshold)"
+    );
+    aggregator.shutdown().await;
+}

@@ -4,12 +4,17 @@
 //! The passes run on their own thread (collectors block on the kernel, NVML and /proc); the
 //! sender runs on a single-threaded tokio runtime. They meet at the spool: the collection
 //! thread appends and fsyncs, then wakes the sender.
+//!
+//! GPU health events (XID errors, ECC errors, a GPU falling off the bus) do not wait for the
+//! next pass: between passes the collection thread waits on the health-event thread's
+//! doorbell, and each ring sends the events queued so far at once in a batch of their own
+//! (with the health counters the alert rules read, and the agent's own metrics).
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex, mpsc as std_mpsc},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::watch;
@@ -23,11 +28,11 @@ use super::{
     spool::{Spool, SpoolError},
 };
 use crate::{
-    collectors::{CollectorStatus, error_chain},
+    collectors::{CollectorStatus, error_chain, gpu},
     config::AgentConfig,
     exposition::Exposition,
     pass::{CollectionPass, PassSetupError},
-    sample::{Labels, Sample, SampleValue},
+    sample::{Event, Labels, Sample, SampleValue},
     snapshot::node_name,
 };
 
@@ -243,6 +248,8 @@ pub fn run_agent(config: &AgentConfig, track: &[String]) -> Result<(), RunError>
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
         }
         let _ = stop_tx.send(());
+        // The collection thread waits on the doorbell between passes: wake it to see the stop.
+        gpu::HEALTH_EVENTS.ring();
         let _ = tokio::task::spawn_blocking(move || collection.join()).await;
         if let Err(e) = spool.lock().unwrap().sync() {
             tracing::error!("cannot sync the spool: {}", error_chain(&e));
@@ -276,16 +283,62 @@ struct CollectionLoop {
 
 impl CollectionLoop {
     fn run(mut self, stop: &std_mpsc::Receiver<()>) {
+        // Sticky: `try_recv` takes the stop message, and it must be seen by every later check.
+        let stop_seen = std::cell::Cell::new(false);
+        let stopped = || {
+            if !matches!(stop.try_recv(), Err(std_mpsc::TryRecvError::Empty)) {
+                stop_seen.set(true);
+            }
+            stop_seen.get()
+        };
+        let mut rings = gpu::HEALTH_EVENTS.rings();
         loop {
             let (tick, wait) = next_tick(SystemTime::now(), self.interval);
-            match stop.recv_timeout(wait) {
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-                _ => return,
+            let until = Instant::now() + wait;
+            // Until the tick, send health events the moment they are queued.
+            loop {
+                if stopped() {
+                    return;
+                }
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                if gpu::HEALTH_EVENTS.wait(&mut rings, left) && !stopped() {
+                    self.spool_health_events();
+                }
             }
             self.pass.run();
             let time_ms = tick.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()) as i64;
             self.spool_pass(time_ms);
         }
+    }
+
+    /// A batch of the events queued since the last pass (health events were what rang), with
+    /// the health counters as they are now and the agent's own metrics; nothing when no event
+    /// is waiting (another agent in this process took the ring, or a pass took the events).
+    fn spool_health_events(&mut self) {
+        let mut samples = Vec::new();
+        let mut events = Vec::new();
+        for collector in self.pass.collectors_mut() {
+            events.extend(collector.take_events());
+            if collector.name() == gpu::NAME {
+                samples.extend(
+                    collector
+                        .samples()
+                        .into_iter()
+                        .filter(|sample| gpu::HEALTH_EVENT_METRICS.contains(&sample.name)),
+                );
+            }
+        }
+        if events.is_empty() {
+            return;
+        }
+        let time_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis()) as i64;
+        tracing::debug!(events = events.len(), "sending health events at once");
+        self.spool_batch(time_ms, samples, &events);
     }
 
     fn spool_pass(&mut self, time_ms: i64) {
@@ -331,17 +384,25 @@ impl CollectionLoop {
             samples.extend(collector.samples());
             events.extend(collector.take_events());
         }
+        if let Some(exposition) = &self.exposition {
+            let spool = self.spool.lock().unwrap();
+            let mut samples = samples.clone();
+            samples.extend(self_metrics(&spool, &self.feedback));
+            exposition.record_pass(&samples, &self.statuses, spool.acked());
+        }
+        self.spool_batch(time_ms, samples, &events);
+    }
+
+    /// Encodes one batch (with the agent's own metrics), spools it and wakes the sender.
+    fn spool_batch(&mut self, time_ms: i64, mut samples: Vec<Sample>, events: &[Event]) {
         if self.feedback.take_redeclare() {
             self.encoder.redeclare_all();
         }
         let mut spool = self.spool.lock().unwrap();
         samples.extend(self_metrics(&spool, &self.feedback));
-        if let Some(exposition) = &self.exposition {
-            exposition.record_pass(&samples, &self.statuses, spool.acked());
-        }
         let batch = self
             .encoder
-            .encode(spool.next_sequence(), time_ms, &samples, &events);
+            .encode(spool.next_sequence(), time_ms, &samples, events);
         match spool.append(&batch) {
             Ok(outcome) => {
                 if outcome.dropped_batches > 0 {

@@ -110,6 +110,10 @@ pub struct EvalContext<'a> {
     pub engine: &'a Engine,
     pub external_labels: &'a [(String, String)],
     pub resend_interval: Duration,
+    /// Takes the alerts due to be sent as soon as their rule is evaluated (before its
+    /// `ALERTS` are stored and before the group's later rules run), so a firing alert does
+    /// not wait for the rest of its group. They are in `EvalOutcome::to_send` too.
+    pub notify: &'a dyn Fn(&[Alert]),
 }
 
 /// The outcome of one group evaluation.
@@ -172,12 +176,16 @@ impl GroupState {
         let limit = self.group.limit;
         for state in &mut self.rules {
             let rule_started = Instant::now();
+            let queued = outcome.to_send.len();
             let result = match &state.rule.kind {
                 RuleKind::Recording => record(&state.rule, ts_ms, ctx, limit),
                 RuleKind::Alerting { .. } => {
                     alert(state, ts_ms, ctx, interval, limit, &mut outcome)
                 }
             };
+            if outcome.to_send.len() > queued {
+                (ctx.notify)(&outcome.to_send[queued..]);
+            }
             let result = result.and_then(|samples| {
                 if samples.is_empty() {
                     Ok(())

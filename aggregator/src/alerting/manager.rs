@@ -2,6 +2,10 @@
 //! results, keeps alert history, hands alerts to the notifier, and reloads on SIGHUP or when a
 //! rule file changes. A reload that fails (a file that does not parse) is refused with the
 //! file, line and reason, and the rules that were running keep running.
+//!
+//! Besides its interval, a group is evaluated at once when the fast path ([`super::fast`])
+//! wakes it: a stored batch changed a series one of its `for`-less alerts reads, or a node's
+//! data became old enough for one of its age rules (`time() - x > N`) to fire.
 
 use std::{
     path::PathBuf,
@@ -9,13 +13,14 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
     config::AlertingConfig,
+    fast::{self, FastSink, Trigger},
     group::{Alert, AlertState, EvalContext, GroupState, Transition},
     history::AlertHistory,
     notify::Notifier,
@@ -63,6 +68,9 @@ struct Shared {
     history: AlertHistory,
     notifier: Notifier,
     groups: Mutex<Vec<Arc<Mutex<GroupState>>>>,
+    /// Each group's fast-path trigger, in the order of `groups` (replaced with them).
+    triggers: Mutex<Vec<Arc<Trigger>>>,
+    fast: Arc<FastSink>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Whether groups run on their own (after `start`).
     running: Mutex<Option<watch::Receiver<bool>>>,
@@ -91,6 +99,8 @@ impl RuleManager {
     /// Loads the rules; a rule file that does not load is an error (startup refuses it).
     pub fn new(parts: ManagerParts) -> Result<RuleManager, RuleError> {
         let groups = load_rules(&parts.config)?;
+        let fast = Arc::new(FastSink::new());
+        let triggers = arm(&fast, &groups);
         let external_labels = parts
             .config
             .external_labels
@@ -111,6 +121,8 @@ impl RuleManager {
                         .map(|group| Arc::new(Mutex::new(GroupState::new(group))))
                         .collect(),
                 ),
+                triggers: Mutex::new(triggers),
+                fast,
                 tasks: Mutex::new(Vec::new()),
                 running: Mutex::new(None),
                 reload_status: Mutex::new(ReloadStatus {
@@ -131,6 +143,12 @@ impl RuleManager {
     pub fn start(&self, shutdown: watch::Receiver<bool>) {
         *lock(&self.shared.running) = Some(shutdown.clone());
         self.spawn_groups();
+        tokio::spawn(
+            self.shared
+                .fast
+                .clone()
+                .schedule_deadlines(shutdown.clone()),
+        );
         let manager = self.clone();
         tokio::spawn(async move { manager.watch_for_reloads(shutdown).await });
     }
@@ -140,11 +158,12 @@ impl RuleManager {
             return;
         };
         let groups = lock(&self.shared.groups).clone();
+        let triggers = lock(&self.shared.triggers).clone();
         let mut tasks = lock(&self.shared.tasks);
         for task in tasks.drain(..) {
             task.abort();
         }
-        for group in groups {
+        for (group, trigger) in groups.into_iter().zip(triggers) {
             let manager = self.clone();
             let mut shutdown = shutdown.clone();
             let interval = lock(&group).group.interval;
@@ -152,9 +171,22 @@ impl RuleManager {
                 let mut ticker = tokio::time::interval(interval);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 loop {
-                    tokio::select! {
-                        _ = ticker.tick() => {}
+                    let triggered = tokio::select! {
+                        _ = ticker.tick() => false,
+                        // The fast path: at most one permit is stored, so batches arriving
+                        // during an evaluation add one more evaluation, not one each.
+                        _ = trigger.notify.notified() => true,
                         _ = shutdown.wait_for(|stop| *stop) => return,
+                    };
+                    let ahead = trigger.not_before_ms.load(Ordering::Relaxed) - now_ms();
+                    if triggered && ahead > 0 {
+                        // The triggering sample is stamped ahead of this clock: wait until
+                        // queries see it.
+                        let wait = Duration::from_millis(ahead as u64).min(fast::MAX_FUTURE_WAIT);
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.wait_for(|stop| *stop) => return,
+                        }
                     }
                     let manager = manager.clone();
                     let group = group.clone();
@@ -261,6 +293,7 @@ impl RuleManager {
             }
             Ok(groups) => {
                 {
+                    *lock(&self.shared.triggers) = arm(&self.shared.fast, &groups);
                     let mut current = lock(&self.shared.groups);
                     let replaced: Vec<Arc<Mutex<GroupState>>> = groups
                         .into_iter()
@@ -301,6 +334,9 @@ impl RuleManager {
             engine: &shared.engine,
             external_labels: &shared.external_labels,
             resend_interval: shared.config.resend_interval,
+            // Each rule's alerts are queued for the notifiers as soon as it is evaluated:
+            // what the fast path is for.
+            notify: &|alerts| shared.notifier.send(alerts),
         };
         let now = now_ms();
         let (outcome, firing) = {
@@ -332,7 +368,6 @@ impl RuleManager {
             shared.history.observe(alert);
         }
         shared.history.maintain(now);
-        shared.notifier.send(&outcome.to_send);
     }
 
     /// Evaluates every group once at `ts_ms`, in order (tests and tools choose the time).
@@ -369,6 +404,12 @@ impl RuleManager {
         &self.shared.notifier
     }
 
+    /// The fast path's ingest sink: register it with the store (`Store::add_sink`) so stored
+    /// batches can wake groups.
+    pub fn fast_sink(&self) -> Arc<FastSink> {
+        self.shared.fast.clone()
+    }
+
     pub fn reload_status(&self) -> ReloadStatus {
         lock(&self.shared.reload_status).clone()
     }
@@ -388,6 +429,20 @@ impl RuleManager {
             "Rule evaluations that failed (query error, or results that could not be stored).",
             get(&counters.rule_failures),
         );
+        let fast = &self.shared.fast.counters;
+        text.family(
+            "vigil_aggregator_rule_group_fast_evaluations_total",
+            "counter",
+            "Group evaluations the fast path asked for: a changed series a `for`-less alert \
+             reads (change), or a node's data reaching an age rule's threshold (deadline).",
+        );
+        for (reason, counter) in [("change", &fast.changes), ("deadline", &fast.deadlines)] {
+            text.sample(
+                "vigil_aggregator_rule_group_fast_evaluations_total",
+                &[("trigger", reason)],
+                get(counter) as f64,
+            );
+        }
         text.counter(
             "vigil_aggregator_rule_reloads_total",
             "Rule reloads (SIGHUP or a changed file).",
@@ -447,6 +502,13 @@ impl RuleManager {
         }
         out.push_str(&text.finish());
     }
+}
+
+/// New triggers for `groups` (in order), armed in the fast path's sink.
+fn arm(fast: &FastSink, groups: &[RuleGroup]) -> Vec<Arc<Trigger>> {
+    let triggers: Vec<Arc<Trigger>> = groups.iter().map(|_| Arc::default()).collect();
+    fast.arm(&fast::plan(groups), &triggers);
+    triggers
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,10 +1,12 @@
 //! Alerting: Prometheus rule files ([`rules`], [`template`]) evaluated over the store
 //! ([`group`], [`manager`]), their results stored like any series ([`writer`]), alerts sent to
 //! Alertmanager and webhooks ([`notify`]) and kept in a history ([`history`]), which HTTP
-//! (`http/alerts.rs`) and gRPC ([`grpc`]) serve.
+//! (`http/alerts.rs`) and gRPC ([`grpc`]) serve. [`fast`] wakes groups as soon as ingested
+//! data can make an alert fire (the XID and agent-silent fast path).
 //! `docs/alerts.md` describes the shipped catalog (`packaging/rules/`).
 
 pub mod config;
+pub mod fast;
 pub mod group;
 pub mod grpc;
 pub mod history;
@@ -107,6 +109,8 @@ pub fn start_from_config(
         alerting.alertmanager.len(),
         alerting.webhook.len()
     );
+    // Before the first agent stream is accepted, so every live batch can wake a group.
+    store.add_sink(manager.fast_sink());
     manager.start(shutdown);
     let metrics = manager.clone();
     telemetry.add_writer(Arc::new(move |out: &mut String| metrics.write_metrics(out)));

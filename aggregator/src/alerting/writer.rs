@@ -28,6 +28,10 @@ use crate::{
 /// Writers made by this process: with the start time, a unique agent instance per writer.
 static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// How the agent instances of the aggregator's own writers begin (rules, verdicts, anomaly
+/// scores): ingest sinks that react to agents' data tell computed batches by it.
+pub const COMPUTED_INSTANCE_PREFIX: &str = "vigil-rules-";
+
 /// Metric name, labels without name and node, value.
 type NamedSample = (String, Vec<(String, String)>, f64);
 
@@ -78,7 +82,7 @@ impl SampleWriter {
             limits,
             default_node: default_node.to_owned(),
             agent_instance: format!(
-                "vigil-rules-{started_ms}-{}",
+                "{COMPUTED_INSTANCE_PREFIX}{started_ms}-{}",
                 WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ),
             state: Mutex::new(WriterState::default()),

@@ -336,10 +336,8 @@ impl<'a> Evaluator<'a> {
                 Samples::Floats(points) => {
                     let end = points.partition_point(|(t, _)| *t <= reference);
                     // A staleness marker ends the series at once, lookback or not.
-                    (end > 0
-                        && points[end - 1].0 >= oldest
-                        && !is_stale_marker(points[end - 1].1))
-                    .then(|| (points[end - 1].0, Sv::F(points[end - 1].1)))
+                    (end > 0 && points[end - 1].0 >= oldest && !is_stale_marker(points[end - 1].1))
+                        .then(|| (points[end - 1].0, Sv::F(points[end - 1].1)))
                 }
                 Samples::Histograms(points) => {
                     let end = points.partition_point(|(t, _)| *t <= reference);

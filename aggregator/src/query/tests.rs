@@ -148,14 +148,23 @@ fn a_staleness_marker_ends_a_series_and_range_functions_skip_it() {
         Samples::Floats(vec![(T0, f64::NAN)]),
     );
     let engine = Engine::new(Arc::new(source));
-    assert_eq!(vector(engine.instant("ALERTS", T0 + 15_000).unwrap()).len(), 1);
+    assert_eq!(
+        vector(engine.instant("ALERTS", T0 + 15_000).unwrap()).len(),
+        1
+    );
     assert!(
         vector(engine.instant("ALERTS", T0 + 20_000).unwrap()).is_empty(),
         "gone at the marker, not five minutes later"
     );
     assert!(vector(engine.instant("ALERTS", T0 + 39_000).unwrap()).is_empty());
-    assert_eq!(vector(engine.instant("ALERTS", T0 + 40_000).unwrap()).len(), 1);
-    assert_eq!(vector(engine.instant("ratio", T0 + 1_000).unwrap()).len(), 1);
+    assert_eq!(
+        vector(engine.instant("ALERTS", T0 + 40_000).unwrap()).len(),
+        1
+    );
+    assert_eq!(
+        vector(engine.instant("ratio", T0 + 1_000).unwrap()).len(),
+        1
+    );
     // Range functions see the samples only: 3 of them, never a NaN.
     let got = vector(
         engine

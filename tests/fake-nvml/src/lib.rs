@@ -115,6 +115,12 @@
 //!   the current reasons is no change), in time order with the device's other events and under
 //!   the same rules (registered before `at_s`, none after the device's loss). Supported unless
 //!   `not_supported` lists `clock_events` (or `events`).
+//! - **Event log**: when the environment variable `VIGIL_FAKE_NVML_EVENT_LOG` names a file,
+//!   every event `nvmlEventSetWait_v2` returns is appended to it as one line,
+//!   `UNIX_NS GPU TYPE DATA` (the wall-clock nanoseconds of the return, the device index,
+//!   `xid` / `ecc_single_bit` / `ecc_double_bit` / `clock`, and the event data, the XID for
+//!   `xid`): the moment the "driver" delivered it, which `cargo xtask bench alert-latency`
+//!   measures from.
 //! - **`init_error`** is a whole-library fault: `nvmlInit_v2` returns `driver_not_loaded`
 //!   (`NVML_ERROR_DRIVER_NOT_LOADED`), `lib_rm_version_mismatch` (driver and library versions
 //!   differ, `NVML_ERROR_LIB_RM_VERSION_MISMATCH`), `no_permission` or `unknown`.
@@ -1207,6 +1213,39 @@ fn next_due(session: &mut Session, set: usize) -> Option<Due> {
     }))
 }
 
+/// Appends a delivered event to `VIGIL_FAKE_NVML_EVENT_LOG`, if set (see the module docs).
+fn log_event(event: &nvmlEventData_t) {
+    let Some(path) = std::env::var_os("VIGIL_FAKE_NVML_EVENT_LOG") else {
+        return;
+    };
+    let unix_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let kind = match event.eventType {
+        EVENT_XID => "xid",
+        EVENT_SINGLE_BIT_ECC => "ecc_single_bit",
+        EVENT_DOUBLE_BIT_ECC => "ecc_double_bit",
+        _ => "clock",
+    };
+    let line = format!(
+        "{unix_ns} {} {kind} {}\n",
+        event.device.addr().wrapping_sub(1),
+        event.eventData
+    );
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, line.as_bytes()));
+    if let Err(error) = written {
+        eprintln!(
+            "fake-nvml: cannot append to VIGIL_FAKE_NVML_EVENT_LOG {}: {error}",
+            std::path::Path::new(&path).display()
+        );
+    }
+}
+
 #[unsafe(no_mangle)]
 unsafe extern "C" fn nvmlEventSetWait_v2(
     set: nvmlEventSet_t,
@@ -1221,8 +1260,11 @@ unsafe extern "C" fn nvmlEventSetWait_v2(
         };
         let wait = match due {
             None => return INVALID_ARGUMENT,
-            // SAFETY: nvml.h: `data` is an out-parameter.
-            Some(Due::Event(event)) => return unsafe { put(data, event) },
+            Some(Due::Event(event)) => {
+                log_event(&event);
+                // SAFETY: nvml.h: `data` is an out-parameter.
+                return unsafe { put(data, event) };
+            }
             Some(Due::Lost) => return GPU_IS_LOST,
             Some(Due::Later(wait)) => wait,
         };

@@ -1,6 +1,7 @@
 //! `cargo xtask bench NAME`: benchmarks that need the release build and a real kernel.
 
 mod aggregator_process;
+mod alert_latency;
 mod anomaly;
 mod collect;
 mod gpu;
@@ -42,6 +43,12 @@ pub struct BenchArgs {
     /// storage: nodes in the histogram run.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
     nodes: u32,
+    /// alert-latency: XID events from the stand-in driver (each a new alert; at most 104).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=104))]
+    xid_events: u32,
+    /// alert-latency: simulated agents that go silent, one second apart.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    silent_nodes: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,6 +69,10 @@ enum BenchName {
     /// Precision, recall and false alarms per series-day of the anomaly detector on generated
     /// series (target/release/anomaly-eval).
     Anomaly,
+    /// Time from a GPU XID at the (stand-in) driver, and from an agent going silent, to a real
+    /// Alertmanager (p50/p99), and the cost of one evaluation round of 200 rules over 100
+    /// nodes (target/release/silent-nodes, rule-eval).
+    AlertLatency,
 }
 
 pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
@@ -74,6 +85,7 @@ pub fn run(ws: &Workspace, args: &BenchArgs) -> Result<()> {
         }
         BenchName::Storage => storage::run(ws, args.hours, args.nodes),
         BenchName::Anomaly => anomaly::run(ws),
+        BenchName::AlertLatency => alert_latency::run(ws, args.xid_events, args.silent_nodes),
     }
 }
 

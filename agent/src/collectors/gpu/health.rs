@@ -9,11 +9,15 @@
 //! GPUs) have their changes noticed by the collection pass instead; both record the reasons
 //! they read here ([`HealthState::clock_event_reasons`]), so a change is reported once
 //! whichever path sees it first.
+//!
+//! Queuing an event rings [`HEALTH_EVENTS`], which `vigil-agent run` waits on between passes:
+//! it sends the events (with the health counters) in a batch of their own at once, so an XID
+//! reaches the aggregator in milliseconds rather than with the next pass.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -39,6 +43,55 @@ use crate::sample::{Event, Labels, Sample};
 /// late an event is (a wait returns as soon as one arrives). Also how often the clock-event
 /// reasons of devices without clock events are read, so their changes are that late at most.
 const WAIT_MS: u32 = 200;
+
+/// Rung when the health-event thread queues events; see [`Doorbell`].
+pub static HEALTH_EVENTS: Doorbell = Doorbell::new();
+
+/// A wake-up for threads that wait between collection passes: a generation count, so every
+/// waiter sees every ring (however many wait), and a ring between two waits is not lost.
+#[derive(Debug)]
+pub struct Doorbell {
+    rings: Mutex<u64>,
+    bell: Condvar,
+}
+
+impl Default for Doorbell {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Doorbell {
+    pub const fn new() -> Self {
+        Self {
+            rings: Mutex::new(0),
+            bell: Condvar::new(),
+        }
+    }
+
+    pub fn ring(&self) {
+        *self.rings.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.bell.notify_all();
+    }
+
+    /// How many rings so far: what a waiter starts from.
+    pub fn rings(&self) -> u64 {
+        *self.rings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits up to `timeout` for a ring after `seen` (which it then moves to the latest);
+    /// whether one came.
+    pub fn wait(&self, seen: &mut u64, timeout: Duration) -> bool {
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let (rings, _) = self
+            .bell
+            .wait_timeout_while(rings, timeout, |rings| *rings == *seen)
+            .unwrap_or_else(|p| p.into_inner());
+        let rung = *rings != *seen;
+        *seen = *rings;
+        rung
+    }
+}
 
 /// What the common XIDs mean, in a few words (NVIDIA's XID catalog has the rest).
 pub fn xid_meaning(xid: u64) -> Option<&'static str> {
@@ -393,6 +446,31 @@ fn watched_event_set<'n>(
         .ok()
 }
 
+/// Rings [`HEALTH_EVENTS`] when dropped if events were queued meanwhile (with the state
+/// unlocked by then, so the woken sender can take them at once).
+struct RingWhenQueued<'a> {
+    shared: &'a Mutex<HealthState>,
+    queued_before: usize,
+}
+
+impl<'a> RingWhenQueued<'a> {
+    fn new(shared: &'a Mutex<HealthState>) -> Self {
+        let queued_before = lock(shared).events.len();
+        Self {
+            shared,
+            queued_before,
+        }
+    }
+}
+
+impl Drop for RingWhenQueued<'_> {
+    fn drop(&mut self) {
+        if lock(self.shared).events.len() > self.queued_before {
+            HEALTH_EVENTS.ring();
+        }
+    }
+}
+
 fn watch(
     nvml: &Nvml,
     registrations: Vec<(u32, EventTypes)>,
@@ -434,6 +512,7 @@ fn watch(
                 let Some(&(_, index)) = handles.iter().find(|(h, _)| *h == handle) else {
                     continue;
                 };
+                let _ring = RingWhenQueued::new(shared);
                 let mut state = lock(shared);
                 if data.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
                     let xid = match data.event_data {
@@ -454,6 +533,7 @@ fn watch(
             }
             Err(NvmlError::Timeout) => {}
             Err(NvmlError::GpuLost) => {
+                let _ring = RingWhenQueued::new(shared);
                 // Some device in the set fell off the bus: find which, and wait on the others.
                 let mut found = false;
                 for &(index, _) in &registrations {

@@ -35,7 +35,7 @@ use crate::{
     selection::PassSelection,
 };
 
-pub use self::health::xid_meaning;
+pub use self::health::{Doorbell, HEALTH_EVENTS, xid_meaning};
 
 /// The collector's name in snapshots.
 pub const NAME: &str = "gpu";
@@ -80,6 +80,9 @@ pub const MIG_MEMORY_TOTAL_METRIC: &str = "vigil_gpu_mig_memory_total_bytes";
 pub const MIG_MEMORY_USED_METRIC: &str = "vigil_gpu_mig_memory_used_bytes";
 pub const XID_ERRORS_METRIC: &str = "vigil_gpu_xid_errors_total";
 pub const ECC_ERROR_EVENTS_METRIC: &str = "vigil_gpu_ecc_error_events_total";
+/// The counters the health-event thread keeps current between passes: what a batch of health
+/// events carries besides the events (`vigil-agent run`).
+pub const HEALTH_EVENT_METRICS: [&str; 2] = [XID_ERRORS_METRIC, ECC_ERROR_EVENTS_METRIC];
 pub const PROCESS_MEMORY_METRIC: &str = "vigil_gpu_process_memory_used_bytes";
 pub const PROCESS_SM_UTILIZATION_METRIC: &str = "vigil_gpu_process_sm_utilization_ratio";
 pub const PROCESS_MEMORY_UTILIZATION_METRIC: &str = "vigil_gpu_process_memory_utilization_ratio";
