@@ -583,12 +583,14 @@ async fn alerts_go_pending_firing_resolved_with_for_keep_firing_for_and_template
     assert_eq!(history[0].started_at_ms, t0 + 7 * MINUTE);
     assert_eq!(history[0].ended_at_ms, Some(t0 + 18 * MINUTE));
     assert_eq!(history[0].peak_value, 95.0);
-    // A resolved alert is no longer written to ALERTS.
+    // A resolved alert is no longer written to ALERTS: the last sample is from the last
+    // firing evaluation, and the evaluation that resolved it wrote a staleness marker, so the
+    // series is gone at once rather than 5 minutes later (as in Prometheus).
     let last_firing = floats(
         engine
             .instant(
                 "timestamp(ALERTS{alertname=\"Hot\", alertstate=\"firing\"})",
-                t0 + 18 * MINUTE,
+                t0 + 17 * MINUTE + 30_000,
             )
             .unwrap(),
     );
@@ -596,6 +598,40 @@ async fn alerts_go_pending_firing_resolved_with_for_keep_firing_for_and_template
         last_firing[0].1,
         ((t0 + 17 * MINUTE) / 1000) as f64,
         "the last ALERTS sample is from the last firing evaluation"
+    );
+    for query in [
+        "ALERTS{alertname=\"Hot\"}",
+        "ALERTS_FOR_STATE{alertname=\"Hot\"}",
+    ] {
+        assert!(
+            floats(engine.instant(query, t0 + 18 * MINUTE).unwrap()).is_empty(),
+            "{query} is stale once resolved"
+        );
+    }
+    // The pending series ended when the alert fired.
+    assert!(
+        floats(
+            engine
+                .instant(
+                    "ALERTS{alertname=\"Hot\", alertstate=\"pending\"}",
+                    t0 + 7 * MINUTE,
+                )
+                .unwrap()
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        floats(
+            engine
+                .instant(
+                    "count_over_time(ALERTS{alertname=\"Hot\", alertstate=\"firing\"}[30m])",
+                    t0 + 30 * MINUTE,
+                )
+                .unwrap()
+        )[0]
+        .1,
+        10.0,
+        "firing samples at minutes 7-15 and 17; range functions skip the marker"
     );
     aggregator.shutdown().await;
 }

@@ -559,13 +559,17 @@ fn every_page_shows_the_agents_data_live_without_console_errors() {
     // Model server: process, GPU share, heatmap, verdict.
     open(&format!("/server/{node}/{SERVER}"));
     let rss = browser.chart("server-rss");
-    let stored_rss =
-        api.vector(&format!("vigil_process_resident_memory_bytes{server}"))[0]["value"][1]
-            .as_str()
-            .unwrap()
-            .parse::<f64>()
-            .unwrap();
-    let pid_series = format!("pid {}", workload.child.id());
+    // The workload's own pid: the server may have other processes (the chart has a series
+    // per pid, and the API answers them in no particular order).
+    let pid = workload.child.id();
+    let stored_rss = api.vector(&format!(
+        "vigil_process_resident_memory_bytes{{node=\"{node}\",server=\"{SERVER}\",pid=\"{pid}\"}}"
+    ))[0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse::<f64>()
+        .unwrap();
+    let pid_series = format!("pid {pid}");
     let shown_rss = last_of(&rss, &pid_series);
     assert!(
         (shown_rss - stored_rss).abs() <= 0.2 * stored_rss && shown_rss > 50e6,

@@ -12,7 +12,7 @@ use super::{
     rules::{Rule, RuleGroup, RuleKind},
     template::TemplateData,
 };
-use crate::query::{Engine, Labels, Matcher, SampleValue, Samples, Value};
+use crate::query::{Engine, Labels, Matcher, SampleValue, Samples, Value, value::STALE_NAN_BITS};
 
 /// How long a resolved alert is kept so notifiers learn it resolved (Prometheus's value).
 pub const RESOLVED_RETENTION: Duration = Duration::from_secs(15 * 60);
@@ -85,6 +85,10 @@ pub struct RuleState {
     /// Until the rule's first evaluation: new alerts take their `activeAt` from the stored
     /// `ALERTS_FOR_STATE`, so an aggregator restart does not restart `for` timers.
     pub restore_pending: bool,
+    /// The series the last successful evaluation wrote: one that the next does not write gets
+    /// a staleness marker, so it ends at once (as in Prometheus) instead of lingering for the
+    /// 5-minute lookback.
+    pub written: BTreeSet<Labels>,
 }
 
 /// What an evaluation changed that others care about.
@@ -136,6 +140,7 @@ impl GroupState {
                 alerts: BTreeMap::new(),
                 health: RuleHealth::default(),
                 restore_pending: true,
+                written: BTreeSet::new(),
             })
             .collect();
         GroupState {
@@ -157,6 +162,7 @@ impl GroupState {
                 rule.alerts = donor.alerts.clone();
                 rule.health = donor.health.clone();
                 rule.restore_pending = donor.restore_pending;
+                rule.written = donor.written.clone();
             }
         }
         self.last_evaluation_ms = old.last_evaluation_ms;
@@ -186,6 +192,7 @@ impl GroupState {
             if outcome.to_send.len() > queued {
                 (ctx.notify)(&outcome.to_send[queued..]);
             }
+            let result = result.map(|samples| with_staleness_markers(samples, &mut state.written));
             let result = result.and_then(|samples| {
                 if samples.is_empty() {
                     Ok(())
@@ -212,6 +219,23 @@ impl GroupState {
         self.evaluation_seconds = started.elapsed().as_secs_f64();
         outcome
     }
+}
+
+/// `samples` plus a staleness marker for every series `written` last time and not now;
+/// `written` becomes this evaluation's series.
+fn with_staleness_markers(
+    mut samples: Vec<(Labels, f64)>,
+    written: &mut BTreeSet<Labels>,
+) -> Vec<(Labels, f64)> {
+    let now: BTreeSet<Labels> = samples.iter().map(|(labels, _)| labels.clone()).collect();
+    let stale = f64::from_bits(STALE_NAN_BITS);
+    samples.extend(
+        written
+            .difference(&now)
+            .map(|labels| (labels.clone(), stale)),
+    );
+    *written = now;
+    samples
 }
 
 /// The float samples of a query result (a scalar is one sample without labels).
@@ -272,6 +296,7 @@ fn restored_active_at(ctx: &EvalContext<'_>, labels: &Labels, ts_ms: i64) -> Opt
             Samples::Histograms(_) => None,
         })
         .max_by_key(|(time, _)| *time)?;
+    // A staleness marker (the alert resolved) is NaN: it casts to 0 and restores nothing.
     let active_at = (newest.1 * 1000.0) as i64;
     (active_at > 0 && active_at <= ts_ms).then_some(active_at)
 }

@@ -1441,6 +1441,12 @@ impl StoreState {
         let chunk_id = self.next_chunk_id;
         self.next_chunk_id += 1;
         for point in chunk.points().unwrap_or_default() {
+            // A staleness marker is not a sample (queries skip it): it has no rollup.
+            if let PointValue::Value(v) = &point.value
+                && crate::query::value::is_stale_marker(*v)
+            {
+                continue;
+            }
             let rollup = match &point.value {
                 PointValue::Value(v) => Rollup::of(point.time_ms, *v, 0.0),
                 PointValue::Histogram(h) => {
