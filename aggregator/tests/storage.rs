@@ -1098,3 +1098,91 @@ async fn complete_windows_are_compacted_into_blocks_and_late_points_merged() {
         .collect();
     assert_eq!(kept, expected_kept);
 }
+
+/// What `select` answers, cut to each series' newest sample: what `select_latest` must equal.
+fn latest_by_full_path(
+    store: &Store,
+    matchers: &[Matcher],
+    start: i64,
+    end: i64,
+) -> Vec<(Vec<(String, String)>, Samples)> {
+    store
+        .select(matchers, start, end)
+        .into_iter()
+        .map(|series| {
+            let samples = match series.samples {
+                Samples::Floats(points) => {
+                    Samples::Floats(points.last().cloned().into_iter().collect())
+                }
+                Samples::Histograms(points) => {
+                    Samples::Histograms(points.last().cloned().into_iter().collect())
+                }
+            };
+            (series.labels, samples)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_latest_point_path_answers_what_the_full_path_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, wal, _) = open(dir.path(), StoreOptions::default());
+    let t0 = now_ms() / 1000 * 1000 - 3 * 3600 * 1000;
+    // 1,000 points a 10 s apart (several closed chunks and an open one), with out-of-order
+    // points and repeated timestamps along the way.
+    let mut times: Vec<i64> = (0..1000).map(|k| t0 + k * 10_000).collect();
+    for k in (50..1000).step_by(97) {
+        times[k] = times[k - 7]; // a late point, older than the ones before it
+    }
+    for k in (30..1000).step_by(131) {
+        times[k] = times[k - 1]; // the same time again
+    }
+    // The last point written is a late one: the open chunk's newest is not its last.
+    times[999] = times[990];
+    for (k, time) in times.iter().enumerate() {
+        put(
+            &store,
+            &wal,
+            point_at(k as u64 + 1, *time, k as u64 * 3 + 1),
+        )
+        .await;
+    }
+    let check = |store: &Store| {
+        let last = *times.iter().max().unwrap();
+        for matcher in [
+            Matcher::equal("__name__", "vigil_gpu_power_watts"),
+            Matcher::equal("__name__", "vigil_syscall_latency_seconds"),
+            Matcher::equal("__name__", "vigil_syscall_latency_seconds_count"),
+            Matcher::equal("__name__", "vigil_syscall_latency_seconds_bucket"),
+        ] {
+            // Windows: the latest, in the past inside chunks, straddling chunk edges, on a
+            // repeated time, before any data, after all data.
+            let mut ends: Vec<i64> = vec![last, last + 60_000, t0 - 1, t0, t0 + 5_000];
+            ends.extend((0..40).map(|k| t0 + k * 251_111));
+            // At repeated times (the later point wins) and at late points.
+            ends.extend(times.iter().skip(30).step_by(131).copied());
+            ends.extend(times.iter().skip(50).step_by(97).copied());
+            for end in ends {
+                let start = end - 300_000;
+                let matchers = [matcher.clone()];
+                let latest: Vec<_> = store
+                    .select_latest(&matchers, start, end)
+                    .into_iter()
+                    .map(|s| (s.labels, s.samples))
+                    .collect();
+                assert_eq!(
+                    latest,
+                    latest_by_full_path(store, &matchers, start, end),
+                    "{matcher} in [{start}, {end}]"
+                );
+            }
+        }
+    };
+    check(&store);
+    // After a checkpoint and a restart: chunks come from disk and the open chunk from its
+    // saved state.
+    store.checkpoint(&wal).unwrap();
+    drop((store, wal));
+    let (store, _wal, _) = open(dir.path(), StoreOptions::default());
+    check(&store);
+}

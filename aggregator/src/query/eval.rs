@@ -206,6 +206,10 @@ impl Fetch {
         Ok(fetch)
     }
 
+    /// Fetches one selector's series over the windows of evaluation times
+    /// `[start_ms, end_ms]`. `latest_only`: an instant selector evaluated at one time reads
+    /// only each series' newest sample in its lookback window, so only that is fetched.
+    #[allow(clippy::too_many_arguments)]
     fn load(
         &mut self,
         source: &dyn SeriesSource,
@@ -213,12 +217,17 @@ impl Fetch {
         window_ms: i64,
         start_ms: i64,
         end_ms: i64,
+        latest_only: bool,
         loaded: &mut usize,
     ) -> Result<(), QueryError> {
         let matchers = selector_matchers(selector)?;
         let first = reference_time(selector, start_ms, start_ms, end_ms);
         let last = reference_time(selector, end_ms, start_ms, end_ms);
-        let series = source.select(&matchers, first - window_ms, last);
+        let series = if latest_only && first == last {
+            source.select_latest(&matchers, first - window_ms, last)
+        } else {
+            source.select(&matchers, first - window_ms, last)
+        };
         let mut fetched = Vec::with_capacity(series.len());
         for series in series {
             *loaded += series.samples.len();
@@ -248,15 +257,22 @@ impl Fetch {
         loaded: &mut usize,
     ) -> Result<(), QueryError> {
         match expr {
-            Expr::VectorSelector(selector) => {
-                self.load(source, selector, lookback_ms, start_ms, end_ms, loaded)
-            }
+            Expr::VectorSelector(selector) => self.load(
+                source,
+                selector,
+                lookback_ms,
+                start_ms,
+                end_ms,
+                true,
+                loaded,
+            ),
             Expr::MatrixSelector(MatrixSelector { vs, range }) => self.load(
                 source,
                 vs,
                 range.as_millis() as i64,
                 start_ms,
                 end_ms,
+                false,
                 loaded,
             ),
             Expr::Aggregate(aggregate) => {

@@ -128,6 +128,31 @@ pub trait SeriesSource: Send + Sync {
     /// sorted by labels.
     fn select(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<SelectedSeries>;
 
+    /// As [`SeriesSource::select`], with only each series' newest sample in the range (what an
+    /// instant selector reads). Sources that can find it without reading the whole range
+    /// override this.
+    fn select_latest(
+        &self,
+        matchers: &[Matcher],
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<SelectedSeries> {
+        self.select(matchers, start_ms, end_ms)
+            .into_iter()
+            .map(|mut series| {
+                series.samples = match series.samples {
+                    Samples::Floats(mut points) => {
+                        Samples::Floats(points.split_off(points.len().saturating_sub(1)))
+                    }
+                    Samples::Histograms(mut points) => {
+                        Samples::Histograms(points.split_off(points.len().saturating_sub(1)))
+                    }
+                };
+                series
+            })
+            .collect()
+    }
+
     /// The label sets of matching series (no samples), sorted; for `/api/v1/series`.
     fn series_labels(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<Labels>;
 

@@ -422,6 +422,13 @@ impl ChunkEncoder {
         true
     }
 
+    /// The newest float point, from the encoder's state (no decoding), when the last point
+    /// appended is the newest the chunk holds; `None` otherwise or for histogram chunks.
+    pub fn last_float(&self) -> Option<(i64, f64)> {
+        (self.kind == ChunkKind::Float && self.count > 0 && self.time.previous == self.max_time)
+            .then(|| (self.time.previous, f64::from_bits(self.value.previous)))
+    }
+
     /// The chunk as it is now, sealed (the encoder can go on appending).
     pub fn snapshot(&self) -> Chunk {
         Chunk {

@@ -205,9 +205,73 @@ impl Store {
     }
 }
 
+impl Store {
+    /// [`Store::matching`] with each view's newest sample only. Float series take the
+    /// latest-point path; histograms (whose classic bucket views depend on every point of the
+    /// range) are selected whole and cut to their last sample.
+    fn matching_latest(
+        &self,
+        matchers: &[Matcher],
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<SelectedSeries> {
+        let (histograms, floats): (Vec<_>, Vec<_>) = self
+            .prefiltered(matchers)
+            .into_iter()
+            .partition(|series| series.kind == MetricKind::Histogram);
+        let mut out: Vec<SelectedSeries> = floats
+            .iter()
+            .zip(self.latest_floats(&floats, start_ms, end_ms))
+            .filter_map(|(series, latest)| {
+                Some(SelectedSeries {
+                    labels: base_labels(series, &series.name),
+                    samples: Samples::Floats(vec![latest?]),
+                })
+            })
+            .collect();
+        let points = self.points_in_range(&histograms, start_ms, end_ms);
+        for (series, points) in histograms.iter().zip(points) {
+            if points.is_empty() {
+                continue;
+            }
+            for (labels, view) in views(series, &points) {
+                if matchers.iter().all(|m| m.matches_labels(&labels)) {
+                    out.push(SelectedSeries {
+                        labels,
+                        samples: last_only(samples_of_view(&points, view)),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.labels.cmp(&b.labels));
+        out
+    }
+}
+
+/// The newest sample of `samples` (oldest first).
+fn last_only(samples: Samples) -> Samples {
+    match samples {
+        Samples::Floats(mut points) => {
+            Samples::Floats(points.split_off(points.len().saturating_sub(1)))
+        }
+        Samples::Histograms(mut points) => {
+            Samples::Histograms(points.split_off(points.len().saturating_sub(1)))
+        }
+    }
+}
+
 impl SeriesSource for Store {
     fn select(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<SelectedSeries> {
         self.matching(matchers, start_ms, end_ms)
+    }
+
+    fn select_latest(
+        &self,
+        matchers: &[Matcher],
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<SelectedSeries> {
+        self.matching_latest(matchers, start_ms, end_ms)
     }
 
     fn series_labels(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<Labels> {

@@ -607,6 +607,91 @@ impl Store {
         out
     }
 
+    /// Per float series, its newest point in `[start_ms, end_ms]`: what an instant selector
+    /// reads. Rule evaluation and instant queries select thousands of series at every
+    /// evaluation; decoding every chunk of the lookback window to keep one point was most of
+    /// their time. Here a chunk is decoded only if it may hold the answer: the newest chunk
+    /// ending inside the range (not even that one when it is the open chunk and its last point
+    /// is its newest: the encoder knows it), and chunks that straddle `end_ms`. Ties on time go
+    /// to the later chunk, and within a chunk to the later point, as in
+    /// [`Store::points_in_range`]'s stable sort.
+    pub(crate) fn latest_floats(
+        &self,
+        series: &[Arc<StoredSeries>],
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Vec<Option<(i64, f64)>> {
+        let raw_floor = self.lock().raw_floor_ms;
+        if start_ms < raw_floor {
+            // Rollups answer for the older part: take the exact path.
+            return self
+                .points_in_range(series, start_ms, end_ms)
+                .into_iter()
+                .map(|points| {
+                    points.last().and_then(|point| match point.value {
+                        PointValue::Value(v) => Some((point.time_ms, v)),
+                        PointValue::Histogram(_) => None,
+                    })
+                })
+                .collect();
+        }
+        let refs: Vec<SeriesRef> = series.iter().map(|s| s.id).collect();
+        let head_last: Vec<Option<(i64, f64)>> = {
+            let state = self.lock();
+            refs.iter()
+                .map(|id| state.data.get(id.0 as usize)?.head.as_ref()?.last_float())
+                .collect()
+        };
+        let in_range = |time: i64| time >= start_ms && time <= end_ms;
+        self.chunks_of(&refs, start_ms, end_ms)
+            .into_iter()
+            .zip(head_last)
+            .map(|(chunks, head_last)| {
+                // (time, chunk position, value): the newest wins; on a tie the later chunk,
+                // and within a chunk the later point (offered in decoding order).
+                let mut best: Option<(i64, usize, f64)> = None;
+                let mut offer = |time: i64, position: usize, value: f64| {
+                    if best.is_none_or(|(t, p, _)| (time, position) >= (t, p)) {
+                        best = Some((time, position, value));
+                    }
+                };
+                let newest_inside = chunks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, chunk))| chunk.max_time <= end_ms && chunk.count > 0)
+                    .max_by_key(|(position, (_, chunk))| (chunk.max_time, *position));
+                let mut to_decode: Vec<usize> = chunks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, chunk))| chunk.max_time > end_ms)
+                    .map(|(position, _)| position)
+                    .collect();
+                if let Some((position, (id, chunk))) = newest_inside {
+                    match head_last {
+                        // The open chunk's snapshot, unchanged since its last point was read,
+                        // and that point is its newest.
+                        Some((time, value)) if *id == u64::MAX && time == chunk.max_time => {
+                            if in_range(time) {
+                                offer(time, position, value);
+                            }
+                        }
+                        _ => to_decode.push(position),
+                    }
+                }
+                for position in to_decode {
+                    for point in self.decode(&chunks[position].1) {
+                        if let PointValue::Value(value) = point.value
+                            && in_range(point.time_ms)
+                        {
+                            offer(point.time_ms, position, value);
+                        }
+                    }
+                }
+                best.map(|(time, _, value)| (time, value))
+            })
+            .collect()
+    }
+
     /// Per series, whether it has a point in `[start_ms, end_ms]`. A chunk wholly inside the
     /// range answers without decoding; others are decoded only while no point is found.
     pub(crate) fn have_points(

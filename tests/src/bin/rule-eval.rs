@@ -23,6 +23,10 @@
 //! write-ahead log. The first round (which also restores `for` state) is reported apart; the
 //! median and p99 are over the `--rounds` after it.
 
+/// The allocator of the `vigil-aggregator` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     collections::BTreeMap,
     path::PathBuf,
