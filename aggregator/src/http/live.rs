@@ -102,6 +102,12 @@ impl Filter {
             if !self.wants(stored) {
                 continue;
             }
+            // A staleness marker ends a series; it is not a value to draw.
+            if let PointValue::Value(value) = &point.value
+                && crate::query::value::is_stale_marker(*value)
+            {
+                continue;
+            }
             let value = match &point.value {
                 PointValue::Value(value) if value.is_finite() => json!(value),
                 PointValue::Value(value) => json!(value.to_string()),
