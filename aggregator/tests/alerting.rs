@@ -430,6 +430,51 @@ async fn a_broken_reload_keeps_the_running_rules_and_changes_are_picked_up() {
     aggregator.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_reload_that_removes_rules_marks_their_series_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let aggregator = common::start(&common::plaintext_config(dir.path())).await;
+    let rule_file = dir.path().join("rules.yml");
+    std::fs::write(
+        &rule_file,
+        "groups:\n  - name: kept\n    rules:\n      - record: test:kept\n        expr: vector(1)\n      - record: test:dropped\n        expr: vector(2)\n  - name: gone\n    rules:\n      - alert: Gone\n        expr: vector(3)\n",
+    )
+    .unwrap();
+    let (_stop, shutdown) = watch::channel(false);
+    let manager = manager_for(
+        &aggregator,
+        dir.path(),
+        config_with(&[&rule_file]),
+        &[],
+        shutdown,
+    )
+    .unwrap();
+    let engine = Engine::new(aggregator.store().clone());
+    let evaluated = common::now_ms() - 1_000;
+    manager.evaluate_at(evaluated);
+    let present =
+        |query: &str| !floats(engine.instant(query, common::now_ms() + 1_000).unwrap()).is_empty();
+    for query in ["test:kept", "test:dropped", "ALERTS{alertname=\"Gone\"}"] {
+        assert!(present(query), "{query} written");
+    }
+    // One rule of a kept group and a whole group go away.
+    std::fs::write(
+        &rule_file,
+        "groups:\n  - name: kept\n    rules:\n      - record: test:kept\n        expr: vector(1)\n",
+    )
+    .unwrap();
+    manager.reload().unwrap();
+    assert!(present("test:kept"), "a kept rule's series stays");
+    for query in [
+        "test:dropped",
+        "ALERTS{alertname=\"Gone\"}",
+        "ALERTS_FOR_STATE",
+    ] {
+        assert!(!present(query), "{query} is stale once its rule is gone");
+    }
+    aggregator.shutdown().await;
+}
+
 // ----- The state machine -----------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -153,7 +153,9 @@ impl GroupState {
 
     /// Takes over the alerts and health of unchanged rules of `old` (same identity), so a
     /// reload does not reset `for` timers or re-notify.
-    pub fn inherit(&mut self, old: &GroupState) {
+    /// Returns the series the old rules that no rule took over had written, which need
+    /// staleness markers now that nothing writes them.
+    pub fn inherit(&mut self, old: &GroupState) -> Vec<Labels> {
         let mut donors: Vec<&RuleState> = old.rules.iter().collect();
         for rule in &mut self.rules {
             let identity = rule.rule.identity();
@@ -166,6 +168,18 @@ impl GroupState {
             }
         }
         self.last_evaluation_ms = old.last_evaluation_ms;
+        donors
+            .into_iter()
+            .flat_map(|donor| donor.written.iter().cloned())
+            .collect()
+    }
+
+    /// Every series the group's rules wrote at their last evaluation.
+    pub fn written(&self) -> Vec<Labels> {
+        self.rules
+            .iter()
+            .flat_map(|rule| rule.written.iter().cloned())
+            .collect()
     }
 
     /// Evaluates every rule in order at `ts_ms`. `write` stores samples (recording results

@@ -292,24 +292,42 @@ impl RuleManager {
                 Err(error)
             }
             Ok(groups) => {
+                // Series written by rules that are gone: they get staleness markers, as
+                // Prometheus writes them when it stops a group.
+                let mut orphaned = Vec::new();
                 {
                     *lock(&self.shared.triggers) = arm(&self.shared.fast, &groups);
                     let mut current = lock(&self.shared.groups);
+                    let mut inherited = vec![false; current.len()];
                     let replaced: Vec<Arc<Mutex<GroupState>>> = groups
                         .into_iter()
                         .map(|group| {
                             let mut state = GroupState::new(group);
-                            if let Some(old) = current.iter().find(|old| {
+                            if let Some(position) = current.iter().position(|old| {
                                 let old = lock(old);
                                 old.group.file == state.group.file
                                     && old.group.name == state.group.name
                             }) {
-                                state.inherit(&lock(old));
+                                inherited[position] = true;
+                                orphaned.extend(state.inherit(&lock(&current[position])));
                             }
                             Arc::new(Mutex::new(state))
                         })
                         .collect();
+                    for (old, taken) in current.iter().zip(inherited) {
+                        if !taken {
+                            orphaned.extend(lock(old).written());
+                        }
+                    }
                     *current = replaced;
+                }
+                if !orphaned.is_empty() {
+                    let now = now_ms();
+                    let stale = f64::from_bits(crate::query::value::STALE_NAN_BITS);
+                    let markers = orphaned.into_iter().map(|labels| (labels, stale)).collect();
+                    if let Err(why) = self.shared.writer.write(now, now, markers) {
+                        tracing::warn!("staleness markers for removed rules not stored: {why}");
+                    }
                 }
                 *lock(&self.shared.reload_status) = ReloadStatus {
                     ok: true,
