@@ -26,6 +26,22 @@ pub const DELTA_V1: &str = "delta-v1";
 /// The response header in which the aggregator offers stream encodings (comma-separated).
 pub const ENCODINGS_HEADER: &str = "vigil-stream-encodings";
 
+/// Puts the aggregator's offer of this encoding in a stream's response headers.
+pub fn offer(headers: &mut tonic::metadata::MetadataMap) {
+    headers.insert(
+        ENCODINGS_HEADER,
+        tonic::metadata::MetadataValue::from_static(DELTA_V1),
+    );
+}
+
+/// Whether a stream's response headers offer this encoding.
+pub fn offered(headers: &tonic::metadata::MetadataMap) -> bool {
+    headers
+        .get(ENCODINGS_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.split(',').any(|e| e.trim() == DELTA_V1))
+}
+
 /// A series absent from this many consecutive batches of a stream is forgotten by both ends (its
 /// next value is coded against 0, as a new series' is).
 pub const FORGET_AFTER_BATCHES: u64 = 1024;

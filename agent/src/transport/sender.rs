@@ -26,7 +26,7 @@ use tonic::{
     metadata::MetadataValue,
     transport::{ClientTlsConfig, Endpoint},
 };
-use vigil_proto::delta::{DELTA_V1, DeltaEncoder, ENCODINGS_HEADER};
+use vigil_proto::delta::DeltaEncoder;
 use vigil_proto::v1::{
     AgentMessage, Hello, agent_message, aggregator_message, ingest_client::IngestClient,
     rejection::Reason,
@@ -277,11 +277,7 @@ async fn session(
         };
     // The stream-delta encoding only when this aggregator offers it (an older one would ignore
     // the blocks and lose their samples).
-    let offered = response
-        .metadata()
-        .get(ENCODINGS_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.split(',').any(|e| e.trim() == DELTA_V1));
+    let offered = vigil_proto::delta::offered(response.metadata());
     let mut delta = (delta_encoding && offered).then(DeltaEncoder::new);
     tracing::info!(
         endpoint = %endpoint_url,

@@ -13,7 +13,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream, wrappers::TcpListenerStream
 use tonic::{
     Request, Response, Status, Streaming, codec::CompressionEncoding, transport::ServerTlsConfig,
 };
-use vigil_proto::delta::{DELTA_V1, DeltaDecoder, ENCODINGS_HEADER};
+use vigil_proto::delta::DeltaDecoder;
 use vigil_proto::v1::{
     Ack, AgentMessage, AggregatorMessage, Batch, Hello, Rejection, Series, agent_message,
     aggregator_message,
@@ -266,10 +266,7 @@ impl Ingest for FakeAggregator {
         });
         let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as Self::StreamStream);
         if offer != DeltaOffer::NotOffered {
-            response.metadata_mut().insert(
-                ENCODINGS_HEADER,
-                tonic::metadata::MetadataValue::from_static(DELTA_V1),
-            );
+            vigil_proto::delta::offer(response.metadata_mut());
         }
         Ok(response)
     }

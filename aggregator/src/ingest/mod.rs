@@ -16,7 +16,7 @@ use std::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
-use vigil_proto::delta::{DELTA_V1, DeltaDecoder, ENCODINGS_HEADER};
+use vigil_proto::delta::DeltaDecoder;
 use vigil_proto::v1::{
     Ack, AgentMessage, AggregatorMessage, Hello, agent_message, aggregator_message,
     ingest_server::Ingest,
@@ -183,10 +183,7 @@ impl Ingest for IngestService {
         let mut response = Response::new(ReceiverStream::new(replies_rx));
         // The offer of the stream-delta encoding: an agent uses it only when offered, so an
         // older aggregator (no header) never gets blocks it would ignore.
-        response.metadata_mut().insert(
-            ENCODINGS_HEADER,
-            tonic::metadata::MetadataValue::from_static(DELTA_V1),
-        );
+        vigil_proto::delta::offer(response.metadata_mut());
         Ok(response)
     }
 }

@@ -110,6 +110,18 @@ impl Samples {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Only the newest sample (the samples are oldest first).
+    pub fn last_only(self) -> Samples {
+        match self {
+            Samples::Floats(mut points) => {
+                Samples::Floats(points.split_off(points.len().saturating_sub(1)))
+            }
+            Samples::Histograms(mut points) => {
+                Samples::Histograms(points.split_off(points.len().saturating_sub(1)))
+            }
+        }
+    }
 }
 
 /// A series chosen by a selector, with its samples in the asked range.
@@ -139,16 +151,9 @@ pub trait SeriesSource: Send + Sync {
     ) -> Vec<SelectedSeries> {
         self.select(matchers, start_ms, end_ms)
             .into_iter()
-            .map(|mut series| {
-                series.samples = match series.samples {
-                    Samples::Floats(mut points) => {
-                        Samples::Floats(points.split_off(points.len().saturating_sub(1)))
-                    }
-                    Samples::Histograms(mut points) => {
-                        Samples::Histograms(points.split_off(points.len().saturating_sub(1)))
-                    }
-                };
-                series
+            .map(|series| SelectedSeries {
+                samples: series.samples.last_only(),
+                ..series
             })
             .collect()
     }

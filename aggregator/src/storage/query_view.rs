@@ -185,23 +185,42 @@ impl Store {
     /// chooses the candidates, and only their chunks that overlap the range are decoded.
     fn matching(&self, matchers: &[Matcher], start_ms: i64, end_ms: i64) -> Vec<SelectedSeries> {
         let candidates = self.prefiltered(matchers);
-        let points = self.points_in_range(&candidates, start_ms, end_ms);
         let mut out = Vec::new();
-        for (series, points) in candidates.iter().zip(points) {
+        self.push_views(&mut out, matchers, &candidates, start_ms, end_ms, false);
+        out.sort_by(|a, b| a.labels.cmp(&b.labels));
+        out
+    }
+
+    /// Appends every matching view of `series` with points in the range, each with all its
+    /// samples or (`newest_only`) its newest.
+    fn push_views(
+        &self,
+        out: &mut Vec<SelectedSeries>,
+        matchers: &[Matcher],
+        series: &[Arc<StoredSeries>],
+        start_ms: i64,
+        end_ms: i64,
+        newest_only: bool,
+    ) {
+        let points = self.points_in_range(series, start_ms, end_ms);
+        for (series, points) in series.iter().zip(points) {
             if points.is_empty() {
                 continue;
             }
             for (labels, view) in views(series, &points) {
                 if matchers.iter().all(|m| m.matches_labels(&labels)) {
+                    let samples = samples_of_view(&points, view);
                     out.push(SelectedSeries {
                         labels,
-                        samples: samples_of_view(&points, view),
+                        samples: if newest_only {
+                            samples.last_only()
+                        } else {
+                            samples
+                        },
                     });
                 }
             }
         }
-        out.sort_by(|a, b| a.labels.cmp(&b.labels));
-        out
     }
 }
 
@@ -229,34 +248,9 @@ impl Store {
                 })
             })
             .collect();
-        let points = self.points_in_range(&histograms, start_ms, end_ms);
-        for (series, points) in histograms.iter().zip(points) {
-            if points.is_empty() {
-                continue;
-            }
-            for (labels, view) in views(series, &points) {
-                if matchers.iter().all(|m| m.matches_labels(&labels)) {
-                    out.push(SelectedSeries {
-                        labels,
-                        samples: last_only(samples_of_view(&points, view)),
-                    });
-                }
-            }
-        }
+        self.push_views(&mut out, matchers, &histograms, start_ms, end_ms, true);
         out.sort_by(|a, b| a.labels.cmp(&b.labels));
         out
-    }
-}
-
-/// The newest sample of `samples` (oldest first).
-fn last_only(samples: Samples) -> Samples {
-    match samples {
-        Samples::Floats(mut points) => {
-            Samples::Floats(points.split_off(points.len().saturating_sub(1)))
-        }
-        Samples::Histograms(mut points) => {
-            Samples::Histograms(points.split_off(points.len().saturating_sub(1)))
-        }
     }
 }
 

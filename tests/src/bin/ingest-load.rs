@@ -1158,12 +1158,7 @@ async fn agent_inner(
         )
         .await
         .map_err(|status| format!("stream: {status}"))?;
-    let offered = response
-        .metadata()
-        .get(ENCODINGS_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|e| e.trim() == DELTA_V1));
-    if config.encoding == Encoding::Delta && !offered {
+    if config.encoding == Encoding::Delta && !vigil_proto::delta::offered(response.metadata()) {
         return Err(format!(
             "the aggregator does not offer {DELTA_V1} (response header {ENCODINGS_HEADER})"
         ));
