@@ -338,7 +338,7 @@ impl CollectionLoop {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis()) as i64;
         tracing::debug!(events = events.len(), "sending health events at once");
-        self.spool_batch(time_ms, samples, &events);
+        self.spool_batch(time_ms, samples, &events, false);
     }
 
     fn spool_pass(&mut self, time_ms: i64) {
@@ -384,22 +384,26 @@ impl CollectionLoop {
             samples.extend(collector.samples());
             events.extend(collector.take_events());
         }
-        if let Some(exposition) = &self.exposition {
-            let spool = self.spool.lock().unwrap();
-            let mut samples = samples.clone();
-            samples.extend(self_metrics(&spool, &self.feedback));
-            exposition.record_pass(&samples, &self.statuses, spool.acked());
-        }
-        self.spool_batch(time_ms, samples, &events);
+        self.spool_batch(time_ms, samples, &events, true);
     }
 
-    /// Encodes one batch (with the agent's own metrics), spools it and wakes the sender.
-    fn spool_batch(&mut self, time_ms: i64, mut samples: Vec<Sample>, events: &[Event]) {
+    /// Encodes one batch (with the agent's own metrics), spools it and wakes the sender. A
+    /// pass (`is_pass`) is also what the agent's `/metrics` shows.
+    fn spool_batch(
+        &mut self,
+        time_ms: i64,
+        mut samples: Vec<Sample>,
+        events: &[Event],
+        is_pass: bool,
+    ) {
         if self.feedback.take_redeclare() {
             self.encoder.redeclare_all();
         }
         let mut spool = self.spool.lock().unwrap();
         samples.extend(self_metrics(&spool, &self.feedback));
+        if is_pass && let Some(exposition) = &self.exposition {
+            exposition.record_pass(&samples, &self.statuses, spool.acked());
+        }
         let batch = self
             .encoder
             .encode(spool.next_sequence(), time_ms, &samples, events);
